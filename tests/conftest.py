@@ -1,0 +1,27 @@
+"""Shared test fixtures. Tests run on CPU with few threads: the suite must stay fast on 2 shared cores."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def test_data_dir() -> Path:
+    """Small real files copied from ../shared/real so the repository stands alone."""
+    return REPO_ROOT / "tests" / "data"
