@@ -1,0 +1,357 @@
+"""Samplers: DDS, DPS, classifier-free guidance, schedules, ensembles (tiny problems, CPU)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import sigpy.mri
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from utils.channels import channels_to_complex, complex_to_channels
+from utils.operators import SenseOperator
+from utils.samplers import (
+    DiffusionSchedule,
+    SamplerStats,
+    _randn_images,
+    dds_sample,
+    dps_sample,
+    ensemble_stats,
+    make_cfg_eps_fn,
+    make_generators,
+    make_timesteps,
+)
+
+SCHEDULE = DiffusionSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000))
+ACP = SCHEDULE.alphas_cumprod
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _problem(b: int = 2, coils: int = 4, h: int = 16, w: int = 16, seed: int = 0):
+    """A random multi-coil problem: unit-norm birdcage maps, a 1-D line mask (~3x), complex images, y = A x."""
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.from_numpy(sigpy.mri.birdcage_maps((coils, h, w))).to(torch.complex64)
+    maps = maps / maps.abs().square().sum(0, keepdim=True).sqrt()  # Σ|S|² = 1
+    mask = torch.zeros(1, w)
+    mask[:, w // 2 - 2 : w // 2 + 2] = 1  # fully sampled centre
+    outer = torch.randperm(w, generator=g)[: w // 4]
+    mask[:, outer] = 1
+    x0 = torch.complex(torch.randn(b, h, w, generator=g), torch.randn(b, h, w, generator=g))
+    op = SenseOperator(maps.expand(b, -1, -1, -1).clone(), mask)
+    return op, op(x0), x0
+
+
+def _acp_at(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return ACP.to(like.dtype)[t].reshape(-1, 1, 1, 1)
+
+
+def oracle_eps_fn(x0: torch.Tensor):
+    """The noise that takes x0 to x_t: eps = (x_t − √ᾱ x0)/√(1−ᾱ), so Tweedie's x̂₀ is exactly x0."""
+    x0_ch = complex_to_channels(x0)
+
+    def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = _acp_at(t, x_t)
+        return (x_t - a.sqrt() * x0_ch.to(x_t.dtype)) / (1 - a).sqrt()
+
+    return eps_fn
+
+
+def gaussian_prior_eps_fn(mean: float = 0.0, std: float = 1.0):
+    """Exact ε for an i.i.d. Gaussian prior N(mean, std²) per real channel (x̂₀ depends on x_t, unlike the oracle)."""
+
+    def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = _acp_at(t, x_t)
+        x0_hat = mean + a.sqrt() * std**2 / (a * std**2 + 1 - a) * (x_t - a.sqrt() * mean)
+        return (x_t - a.sqrt() * x0_hat) / (1 - a).sqrt()
+
+    return eps_fn
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _line_residual(op: SenseOperator, x: torch.Tensor, y: torch.Tensor) -> float:
+    return _rel(op(x), op.mask * y)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schedule
+
+
+def test_leading_timesteps_are_the_reference_and_match_diffusers():
+    ts = make_timesteps(1000, 100)
+    assert ts.tolist() == list(range(990, -1, -10))
+    assert SCHEDULE.timesteps(100).tolist() == ts.tolist()
+    for spacing, n in [("leading", 30), ("trailing", 30), ("linspace", 30), ("trailing", 100)]:
+        ddim = DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+        ddim.set_timesteps(n)
+        assert make_timesteps(1000, n, spacing).tolist() == ddim.timesteps.tolist(), spacing
+    # "uniform" covers the whole range when num_steps does not divide T.
+    assert make_timesteps(1000, 300, "uniform")[0] == 996
+    assert make_timesteps(1000, 1000).tolist() == list(range(999, -1, -1))
+    with pytest.raises(ValueError):
+        make_timesteps(1000, 0)
+
+
+def test_schedule_from_config_reads_betas_from_the_file(tmp_path):
+    config = {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+    }
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    expected = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    for source in (tmp_path, tmp_path / "scheduler", tmp_path / "scheduler" / "scheduler_config.json", config):
+        schedule = DiffusionSchedule.from_config(source)
+        assert schedule.alphas_cumprod.dtype == torch.float64
+        assert torch.equal(schedule.alphas_cumprod, expected.double())
+    assert not torch.allclose(schedule.alphas_cumprod, ACP)  # not silently the default linear schedule
+    with pytest.raises(FileNotFoundError):
+        DiffusionSchedule.from_config(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DDS
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.8])
+def test_dds_with_oracle_denoiser_returns_ground_truth(eta):
+    op, y, x0 = _problem()
+    stats = SamplerStats()
+    seen = []
+    x = dds_sample(
+        oracle_eps_fn(x0), op, y, ACP, num_steps=20, eta=eta, generators=make_generators([0, 1]),
+        callback=lambda i, t, x_t, x0_hat: seen.append((i, t)), stats=stats,
+    )
+    assert x.dtype == torch.complex64 and x.shape == x0.shape
+    assert _rel(x, x0) < 1e-4
+    assert stats.num_steps == stats.eps_calls == stats.nfe == stats.network_forwards == 20
+    assert [t for _, t in seen] == make_timesteps(1000, 20).tolist()
+
+
+def test_dds_without_data_consistency_is_diffusers_ddim():
+    """cg_iter=0 leaves plain DDIM: same trajectory as diffusers' DDIMScheduler fed the same noise."""
+    op, y, _ = _problem(b=2)
+    weight = torch.randn(2, 2, generator=torch.Generator().manual_seed(5)) * 0.3
+
+    def eps_fn(x_t, t):  # a smooth, t-dependent stand-in for a network
+        return torch.tanh(torch.einsum("oc,bchw->bohw", weight, x_t)) * (1 + t.reshape(-1, 1, 1, 1) / 1000)
+
+    n, eta = 10, 0.8
+    x = dds_sample(eps_fn, op, y, ACP, num_steps=n, eta=eta, cg_iter=0, generators=make_generators([3, 4]))
+
+    gens = make_generators([3, 4])
+    ddim = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
+    ddim.set_timesteps(n)
+    sample = complex_to_channels(_randn_images(gens, (16, 16), torch.complex64, torch.device("cpu")))
+    for i, t in enumerate(ddim.timesteps):
+        noise = complex_to_channels(_randn_images(gens, (16, 16), torch.complex64, torch.device("cpu")))
+        if i + 1 == n:
+            noise = torch.zeros_like(noise)  # the last step draws none (σ = 0 when ᾱ_prev = 1)
+        eps = eps_fn(sample, t.repeat(2))
+        sample = ddim.step(eps, t, sample, eta=eta, variance_noise=noise).prev_sample
+    assert _rel(x, channels_to_complex(sample)) < 1e-5
+
+
+def test_dds_large_gamma_reproduces_measured_lines():
+    op, y, x0 = _problem(b=2, seed=1)
+    eps_fn = gaussian_prior_eps_fn()  # a prior that knows nothing about x0
+    gens = lambda: make_generators([0, 1])  # noqa: E731
+    # Single coil: AᴴA is a k-space projection, CG is exact in 2 iterations and the lines match to ~1/γ.
+    single = SenseOperator.single_coil(op.mask, (2, 16, 16))
+    y1 = single(x0)
+    x = dds_sample(eps_fn, single, y1, ACP, num_steps=4, gamma=1e4, generators=gens())
+    assert _line_residual(single, x, y1) < 1e-4
+    # Multi-coil: the residual on the measured lines falls as γ grows (CG run longer: the system is stiffer).
+    plain = dds_sample(eps_fn, op, y, ACP, num_steps=4, cg_iter=0, generators=gens())
+    default = dds_sample(eps_fn, op, y, ACP, num_steps=4, generators=gens())
+    strong = dds_sample(eps_fn, op, y, ACP, num_steps=4, gamma=1e4, cg_iter=30, generators=gens())
+    r_plain, r_default, r_strong = (_line_residual(op, v, y) for v in (plain, default, strong))
+    assert r_strong < 1e-2 < r_default < 0.5 < r_plain, (r_strong, r_default, r_plain)
+
+
+def test_dds_per_sample_generators_make_slices_independent_of_the_batch():
+    op, y, _ = _problem(b=3, seed=2)
+    eps_fn = gaussian_prior_eps_fn(std=0.7)
+    batch = dds_sample(eps_fn, op, y, ACP, num_steps=8, eta=0.8, generators=make_generators([10, 11, 12]))
+    alone_op = SenseOperator(op.maps[1:2], op.mask)
+    alone = dds_sample(eps_fn, alone_op, y[1:2], ACP, num_steps=8, eta=0.8, generators=make_generators([11]))
+    torch.testing.assert_close(alone[0], batch[1], rtol=0, atol=1e-6)
+    assert not torch.allclose(batch[0], batch[1], atol=1e-2)
+    # A per-sample γ is honoured per sample.
+    mixed = dds_sample(
+        eps_fn, op, y, ACP, num_steps=8, eta=0.8, gamma=torch.tensor([5.0, 5.0, 0.0]),
+        generators=make_generators([10, 11, 12]),
+    )
+    torch.testing.assert_close(mixed[:2], batch[:2], rtol=0, atol=1e-6)
+    assert not torch.allclose(mixed[2], batch[2], atol=1e-2)
+    with pytest.raises(ValueError):
+        dds_sample(eps_fn, op, y, ACP, num_steps=2, generators=make_generators([0]))
+
+
+def test_dds_keeps_data_consistency_in_fp32_under_bf16_autocast():
+    _, _, x0 = _problem(b=2, seed=3)
+    op = SenseOperator.single_coil(_problem()[0].mask, (2, 16, 16))
+    y = op(x0)
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(0.1)
+    prior = gaussian_prior_eps_fn()
+    eps_dtypes, x_dtypes = [], []
+
+    def eps_fn(x_t, t):  # the conv runs in bf16 under autocast, so ε arrives in bf16
+        c = conv(x_t)
+        eps = prior(x_t, t).to(c.dtype) + c
+        eps_dtypes.append(eps.dtype)
+        return eps
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = dds_sample(
+            eps_fn, op, y, ACP, num_steps=4, gamma=1e4, generators=make_generators([0, 1]),
+            callback=lambda i, t, x_t, x0_hat: x_dtypes.append((x_t.dtype, x0_hat.dtype)),
+        )
+    assert set(eps_dtypes) == {torch.bfloat16}
+    assert x.dtype == torch.complex64
+    assert set(x_dtypes) == {(torch.complex64, torch.complex64)}
+    # bf16 keeps ~3 significant digits (relative error ~4e-3); fp32 data consistency matches the lines to ~1/γ.
+    assert _line_residual(op, x, y) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DPS
+
+
+def test_dps_with_oracle_denoiser_returns_ground_truth():
+    op, y, x0 = _problem(b=2, seed=4)
+    stats = SamplerStats()
+    x = dps_sample(oracle_eps_fn(x0), op, y, ACP, num_steps=20, generators=make_generators([0, 1]), stats=stats)
+    assert _rel(x, x0) < 1e-4
+    assert stats.nfe == 20
+
+
+def test_dps_gradient_through_the_denoiser_reduces_the_data_residual():
+    """A Gaussian-prior denoiser (x̂₀ depends on x_t, so the gradient flows through it): the guided run fits the data
+    far better than the unguided one from the same noise, and moves closer to the truth."""
+    op, y, x0 = _problem(b=2, seed=5)
+    eps_fn = gaussian_prior_eps_fn()
+    prior = dps_sample(eps_fn, op, y, ACP, num_steps=30, step_size=0.0, generators=make_generators([0, 1]))
+    guided = dps_sample(eps_fn, op, y, ACP, num_steps=30, step_size=4.0, generators=make_generators([0, 1]))
+    r_prior, r_guided = _line_residual(op, prior, y), _line_residual(op, guided, y)
+    assert r_guided < 0.2 * r_prior, (r_guided, r_prior)
+    assert _rel(guided, x0) < _rel(prior, x0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classifier-free guidance
+
+
+class _RecordingUNet(torch.nn.Module):
+    """A stand-in for UNet2DConditionModel that records every call's batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+        self.proj = torch.nn.Linear(8, 2)
+        self.batches: list[int] = []
+
+    def forward(self, x, t, encoder_hidden_states):
+        self.batches.append(x.shape[0])
+        cond = self.proj(encoder_hidden_states.mean(1))[:, :, None, None]
+        return SimpleNamespace(sample=self.conv(x) * (1 + t.reshape(-1, 1, 1, 1) / 1000) + cond)
+
+
+def _tokens(b: int, seed: int, length: int = 5) -> torch.Tensor:
+    return torch.randn(b, length, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_cfg_scale_one_is_the_conditional_pass_with_one_forward_per_step():
+    unet = _RecordingUNet()
+    cond, uncond = _tokens(2, 0), _tokens(2, 1)
+    x, t = torch.randn(2, 2, 16, 16), torch.tensor([500, 500])
+    with torch.no_grad():
+        for w in (1.0, 0.5):
+            eps = make_cfg_eps_fn(unet, cond, uncond, w)(x, t)
+            assert torch.equal(eps, unet(x, t, encoder_hidden_states=cond).sample)
+        unet.batches.clear()
+        op, y, _ = _problem(b=2)
+        eps_fn = make_cfg_eps_fn(unet, cond, None, 1.0)
+        stats = SamplerStats()
+        dds_sample(eps_fn, op, y, ACP, num_steps=5, generators=make_generators([0, 1]), stats=stats)
+    assert unet.batches == [2] * 5
+    assert stats.nfe == stats.network_forwards == eps_fn.num_forwards == 5
+
+
+def test_cfg_above_one_batches_both_passes_in_one_forward():
+    unet = _RecordingUNet()
+    cond, uncond = _tokens(2, 0), _tokens(2, 1)
+    x, t = torch.randn(2, 2, 16, 16), torch.tensor([300, 700])
+    w = 3.0
+    eps_fn = make_cfg_eps_fn(unet, cond, uncond, w)
+    with torch.no_grad():
+        eps = eps_fn(x, t)
+        assert unet.batches == [4]
+        eps_c = unet(x, t, encoder_hidden_states=cond).sample
+        eps_u = unet(x, t, encoder_hidden_states=uncond).sample
+    torch.testing.assert_close(eps, eps_u + w * (eps_c - eps_u), rtol=1e-5, atol=1e-6)
+    unet.batches.clear()
+    op, y, _ = _problem(b=2)
+    stats = SamplerStats()
+    with torch.no_grad():
+        dds_sample(eps_fn, op, y, ACP, num_steps=4, generators=make_generators([0, 1]), stats=stats)
+    assert unet.batches == [4] * 4
+    assert stats.nfe == 8 and stats.network_forwards == 4
+    with pytest.raises(ValueError):  # condition builders must agree on the token count
+        make_cfg_eps_fn(unet, cond, _tokens(2, 1, length=6), w)
+    with pytest.raises(ValueError):
+        make_cfg_eps_fn(unet, cond, None, w)
+
+
+def test_cfg_with_a_real_diffusers_unet_and_metadata_tokens():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=2, out_channels=2, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+    ).eval()
+    text, meta = _tokens(2, 0, length=4).repeat(1, 1, 2), _tokens(2, 1, length=3).repeat(1, 1, 2)
+    cond = torch.cat([text, meta], dim=1)  # text tokens first, metadata tokens after
+    uncond = torch.cat([text, torch.zeros_like(meta)], dim=1)  # per-attribute guidance: metadata dropped
+    x, t = torch.randn(2, 2, 16, 16), torch.tensor([10, 900])
+    with torch.no_grad():
+        eps = make_cfg_eps_fn(unet, cond, uncond, 2.5)(x, t)
+        eps_c = unet(x, t, encoder_hidden_states=cond).sample
+        eps_u = unet(x, t, encoder_hidden_states=uncond).sample
+        eps_bf16 = make_cfg_eps_fn(unet, cond, uncond, 2.5, autocast_dtype=torch.bfloat16)(x, t)
+    torch.testing.assert_close(eps, eps_u + 2.5 * (eps_c - eps_u), rtol=1e-4, atol=1e-5)
+    assert eps_bf16.dtype == torch.float32
+    assert _rel(eps_bf16, eps) < 0.05
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ensembles
+
+
+def test_ensemble_std_is_zero_for_equal_samples_and_known_otherwise():
+    a = torch.complex(torch.randn(2, 8, 8), torch.randn(2, 8, 8))
+    mean, std = ensemble_stats(a.expand(4, -1, -1, -1))
+    torch.testing.assert_close(mean, a)
+    assert std.shape == (2, 8, 8) and float(std.abs().max()) == 0.0
+    assert float(ensemble_stats(a.expand(4, -1, -1, -1), std="magnitude")[1].abs().max()) == 0.0
+    b = a * torch.exp(torch.tensor(1j * np.pi / 2, dtype=torch.complex64))  # same magnitude, rotated phase
+    mean, std = ensemble_stats(torch.stack([a, b]))
+    torch.testing.assert_close(mean, (a + b) / 2)
+    torch.testing.assert_close(std, (a - b).abs() / 2)
+    torch.testing.assert_close(ensemble_stats(torch.stack([a, b]), std="magnitude")[1], torch.zeros(2, 8, 8),
+                               atol=1e-6, rtol=0)

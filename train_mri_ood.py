@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""``train_mri.py`` plus out-of-distribution cardiac slices whose diffusion timesteps lie in ``[--ood_t_min, 1000)``.
+
+    python train_mri_ood.py --pretrained_model_name_or_path MRI_checkpoint --pretrained_model_type fastmri \
+        --data_root ./fastmri --mri_metadata_dir_brain ./metadata_brain_train.csv --cardio_data_root ./fastmri \
+        --mri_metadata_dir_cardio ./metadata_cardiology_train.csv --use_ood --enable_condition_emb \
+        --metadata_stats ./metadata_stats_ood.json --cfg_prob 0.5
+
+Every flag of ``train_mri.py`` applies; see ``--help``.
+"""
+
+import sys
+
+from utils.training import OODTrainConfig, main
+
+if __name__ == "__main__":
+    sys.exit(main(OODTrainConfig))

@@ -1,0 +1,575 @@
+"""Offline preprocessing of fully sampled multi-coil k-space into the ContextMRI training layout (REFERENCE.md §1).
+
+Per slice: ESPIRiT maps from the k-space, MVUE coil combination, centre crop/pad in the image domain (which removes the
+2x readout oversampling of fastMRI), division by the 99th percentile of the magnitude. Written as::
+
+    {output_root}/{anatomy}_mvue_{crop}_{split}/slice/{file}/{idx:03d}.npy   complex64 [crop, crop]  (image / scale)
+    {output_root}/{anatomy}_mvue_{crop}_{split}/mps/{file}/{idx:03d}.npy     complex64 [C, crop, crop] (unit-norm maps)
+    {output_root}/{anatomy}_mvue_{crop}_{split}/scale/{file}.json            {"scale": {"000": s, ...}, ...}
+    {output_root}/metadata_{anatomy}_{split}.csv
+
+The maps are never rescaled (Σ_c|S_c|² = 1 inside the object, 0 outside); the image is divided by ``scale``, so the
+matching k-space is ``kspace / scale``. Every file is written to a temporary name then ``os.replace``d, so a killed
+run leaves only complete files (and possibly ``*.tmp`` files, removed on the next run); a rerun skips finished slices.
+
+The cardiac (CMRxRecon) pipeline shares the per-slice code: see :func:`process_cmrx`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from utils.coils import (
+    ESPIRIT_DEFAULTS,
+    center_crop_or_pad,
+    espirit_maps,
+    espirit_maps_fast,
+    mvue,
+    normalize_percentile,
+)
+from utils.metadata import (
+    ACQUISITION_TO_CONTRAST,
+    CARDIAC_COLUMNS,
+    EXTRA_COLUMNS,
+    REFERENCE_COLUMNS,
+    compute_metadata_stats,
+    is_missing,
+    load_records,
+    save_metadata_stats,
+)
+
+#: Column order of the fastMRI metadata CSVs we write.
+FASTMRI_CSV_COLUMNS = REFERENCE_COLUMNS + EXTRA_COLUMNS
+#: Column order of the cardiac metadata CSVs we write.
+CARDIAC_CSV_COLUMNS = REFERENCE_COLUMNS + EXTRA_COLUMNS + CARDIAC_COLUMNS
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-slice math
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EspiritParams:
+    """ESPIRiT settings.
+
+    ``backend="fast"`` (default) computes the same maps as sigpy's ``EspiritCalib`` exactly (top eigenvector by
+    ``eigh``) on the kept pixels only, see :func:`utils.coils.espirit_maps_fast`; ``max_iter`` is then unused.
+    ``backend="sigpy"`` runs ``EspiritCalib`` (power iteration, ``max_iter`` steps) on the full grid, as the reference.
+    The other fields are the reference's parameters (REFERENCE.md §1).
+    """
+
+    calib_width: int = ESPIRIT_DEFAULTS["calib_width"]
+    thresh: float = ESPIRIT_DEFAULTS["thresh"]
+    kernel_width: int = ESPIRIT_DEFAULTS["kernel_width"]
+    crop: float = ESPIRIT_DEFAULTS["crop"]
+    max_iter: int = ESPIRIT_DEFAULTS["max_iter"]
+    backend: str = "fast"
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("fast", "sigpy"):
+            raise ValueError(f"ESPIRiT backend must be 'fast' or 'sigpy', got {self.backend!r}")
+        if self.kernel_width > self.calib_width:
+            raise ValueError(f"kernel_width {self.kernel_width} exceeds calib_width {self.calib_width}")
+
+    def maps(self, kspace: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
+        """Maps ``[C, *out_shape]`` (complex64) of k-space ``[C, H, W]``, centre-cropped/padded to ``out_shape``."""
+        if self.backend == "fast":
+            return espirit_maps_fast(
+                kspace, self.calib_width, self.thresh, self.kernel_width, self.crop, out_shape=out_shape
+            )
+        full = espirit_maps(
+            kspace, self.calib_width, self.thresh, self.kernel_width, self.crop, max_iter=self.max_iter
+        )
+        return center_crop_or_pad(full, out_shape)
+
+
+@dataclass
+class SliceOutput:
+    """One preprocessed slice.
+
+    Attributes:
+        image: complex64 ``[h, w]``, MVUE divided by ``scale`` (99th percentile of ``|image|`` is 1).
+        maps: complex64 ``[C, h, w]``, unit-norm ESPIRiT maps (not scaled).
+        scale: the divisor (float).
+    """
+
+    image: np.ndarray
+    maps: np.ndarray
+    scale: float
+
+
+def coil_images(kspace: np.ndarray) -> np.ndarray:
+    """Centred orthonormal inverse 2-D FFT of ``[..., H, W]`` k-space (numpy; same convention as ``utils.fft``)."""
+    axes = (-2, -1)
+    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kspace, axes=axes), axes=axes, norm="ortho"), axes=axes)
+
+
+def process_kspace_slice(
+    kspace: np.ndarray, crop_size: int | tuple[int, int], espirit: EspiritParams, maps: np.ndarray | None = None
+) -> SliceOutput:
+    """ESPIRiT + MVUE + centre crop/pad + 99th-percentile normalisation of one fully sampled slice.
+
+    Args:
+        kspace: complex ``[C, H, W]`` centred k-space.
+        crop_size: output size ``h = w`` (int) or ``(h, w)``.
+        espirit: map settings.
+        maps: precomputed maps ``[C, h, w]`` (skips ESPIRiT), e.g. from a calibration scan.
+
+    Returns:
+        :class:`SliceOutput`.
+    """
+    shape = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+    kspace = np.asarray(kspace, dtype=np.complex64)
+    if maps is None:
+        maps = espirit.maps(kspace, shape)
+    coils = center_crop_or_pad(coil_images(kspace).astype(np.complex64), shape)
+    image, scale = normalize_percentile(mvue(coils, maps), 99.0)
+    return SliceOutput(np.ascontiguousarray(image, dtype=np.complex64), np.ascontiguousarray(maps), float(scale))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files and layout
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def dataset_dir(output_root: str | Path, anatomy: str, crop_size: int, split: str) -> Path:
+    """``{output_root}/{anatomy}_mvue_{crop}_{split}``."""
+    return Path(output_root) / f"{anatomy}_mvue_{crop_size}_{split}"
+
+
+def slice_paths(ds_dir: Path, file_stem: str, idx: int) -> tuple[Path, Path]:
+    """``(slice path, maps path)`` of slice ``idx`` of ``file_stem``."""
+    name = f"{idx:03d}.npy"
+    return ds_dir / "slice" / file_stem / name, ds_dir / "mps" / file_stem / name
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to a temporary file in the same folder, then ``os.replace`` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text atomically (temporary file + ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def remove_stale_tmp(folders: Iterable[Path]) -> int:
+    """Delete ``*.tmp`` files a killed run left in ``folders``; returns how many."""
+    removed = 0
+    for folder in folders:
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _read_scales(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # an unreadable sidecar means "nothing recorded": the slices are redone
+
+
+def read_scale(ds_dir: str | Path, file_stem: str, idx: int) -> float | None:
+    """The normalisation divisor recorded for one slice, or ``None``."""
+    info = _read_scales(Path(ds_dir) / "scale" / f"{file_stem}.json")
+    value = info.get("scale", {}).get(f"{idx:03d}")
+    return None if value is None else float(value)
+
+
+def _is_valid_npy(path: Path) -> bool:
+    try:
+        np.load(path, mmap_mode="r")
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass
+class FileReport:
+    """What happened to one input file (returned from worker processes).
+
+    Attributes:
+        name: file stem.
+        rows: metadata rows of its slices (empty when it failed).
+        written, skipped: slices computed now / already present.
+        error: ``None`` on success, else a one-line reason.
+        notes: informational messages (e.g. "reconstructed from undersampled data").
+    """
+
+    name: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    written: int = 0
+    skipped: int = 0
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def write_slices(
+    ds_dir: Path,
+    file_stem: str,
+    indices: Sequence[int],
+    compute: Callable[[int], SliceOutput],
+    overwrite: bool = False,
+    extra_info: dict[str, Any] | None = None,
+) -> tuple[int, int]:
+    """Compute and atomically write the slices ``indices`` of one file, skipping those already complete.
+
+    A slice is complete when its image and maps load as ``.npy`` and its scale is recorded in
+    ``scale/{file}.json``. The JSON is rewritten (atomically) after every slice so a kill loses at most one slice.
+
+    Returns:
+        ``(written, skipped)``.
+    """
+    scale_path = ds_dir / "scale" / f"{file_stem}.json"
+    img_dir, map_dir = ds_dir / "slice" / file_stem, ds_dir / "mps" / file_stem
+    remove_stale_tmp([img_dir, map_dir, scale_path.parent])
+    info = {} if overwrite else _read_scales(scale_path)
+    scales: dict[str, float] = dict(info.get("scale", {}))
+    info = {**info, **(extra_info or {}), "scale": scales}
+    written = skipped = 0
+    for idx in indices:
+        img_path, map_path = slice_paths(ds_dir, file_stem, idx)
+        key = f"{idx:03d}"
+        done = not overwrite and key in scales and _is_valid_npy(img_path) and _is_valid_npy(map_path)
+        if done:
+            skipped += 1
+            continue
+        out = compute(idx)
+        atomic_save_npy(img_path, out.image)
+        atomic_save_npy(map_path, out.maps)
+        scales[key] = out.scale
+        atomic_write_text(scale_path, json.dumps(info, indent=1, sort_keys=True))
+        written += 1
+    if written == 0 and not scale_path.is_file():
+        atomic_write_text(scale_path, json.dumps(info, indent=1, sort_keys=True))
+    return written, skipped
+
+
+def write_metadata_csv(path: str | Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Write rows (``None`` -> empty cell; lists joined by ``", "``; integral floats without ``.0``) atomically."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            return ", ".join(str(v) for v in value)
+        if value is None or is_missing(value):
+            return ""
+        if isinstance(value, float):
+            return str(int(value)) if value.is_integer() else f"{value:g}"
+        return str(value)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([cell(row.get(c)) for c in columns])
+    os.replace(tmp, path)
+
+
+def write_stats_from_csvs(csv_paths: Sequence[str | Path], output: str | Path) -> dict[str, Any]:
+    """Build ``metadata_stats.json`` (``utils.metadata.compute_metadata_stats`` defaults) from metadata CSVs."""
+    records: list[dict[str, Any]] = []
+    for path in csv_paths:
+        records.extend(load_records(path))
+    stats = compute_metadata_stats(records)
+    save_metadata_stats(stats, output)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fastMRI
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreprocessConfig:
+    """Settings of a fastMRI preprocessing run (``pre_processing_final.py``).
+
+    Attributes:
+        input_dir: folder of ``*.h5`` files (searched non-recursively).
+        output_root: output root (see module docstring for the layout).
+        split: ``"train"`` or ``"val"``.
+        crop_size: image side after crop/pad.
+        num_workers: worker processes (1 = in this process).
+        anatomy: force the anatomy; ``None`` infers it per file (``file_brain_*`` -> brain, else knee).
+        espirit: ESPIRiT settings.
+        fastmri_plus_csv: optional fastMRI+ annotation CSV (columns ``file``, ``slice``, ``label``) for pathology.
+        write_stats: also write ``{output_root}/metadata_stats.json`` from the ``metadata_*_{split}.csv`` files there.
+        overwrite: recompute slices that already exist.
+        files: explicit list of files (overrides the ``input_dir`` listing).
+    """
+
+    input_dir: Path
+    output_root: Path
+    split: str = "train"
+    crop_size: int = 320
+    num_workers: int = 1
+    anatomy: str | None = None
+    espirit: EspiritParams = field(default_factory=EspiritParams)
+    fastmri_plus_csv: Path | None = None
+    write_stats: bool = False
+    overwrite: bool = False
+    files: list[Path] | None = None
+
+    def __post_init__(self) -> None:
+        self.input_dir = Path(self.input_dir)
+        self.output_root = Path(self.output_root)
+        if self.split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {self.split!r}")
+        if self.crop_size <= 0:
+            raise ValueError(f"crop_size must be positive, got {self.crop_size}")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass
+class RunSummary:
+    """Outcome of a run. ``ok`` is False when any file failed."""
+
+    files_total: int
+    files_ok: int
+    failed: list[tuple[str, str]]
+    slices_written: int
+    slices_skipped: int
+    seconds: float
+    csv_paths: list[Path]
+    stats_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def format(self) -> str:
+        lines = [
+            f"files: {self.files_ok}/{self.files_total} ok, {len(self.failed)} failed; slices: {self.slices_written} "
+            f"written, {self.slices_skipped} already present; {self.seconds:.1f} s"
+            + (f" ({self.slices_written / self.seconds:.2f} slices/s)" if self.seconds > 0 and self.slices_written else "")
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  FAILED {name}: {err}" for name, err in self.failed]
+        lines += [f"  metadata: {p}" for p in self.csv_paths]
+        if self.stats_path is not None:
+            lines.append(f"  stats: {self.stats_path}")
+        return "\n".join(lines)
+
+
+def infer_anatomy(filename: str) -> str:
+    """fastMRI naming: ``file_brain_*`` is brain, anything else (``file1000007``) knee."""
+    return "brain" if Path(filename).name.startswith("file_brain") else "knee"
+
+
+def contrast_from_acquisition(acquisition: str | None) -> str | None:
+    """Clean contrast label (e.g. ``AXFLAIR`` -> ``FLAIR``); an unknown label is kept as is, a missing one is None."""
+    if acquisition is None or is_missing(acquisition):
+        return None
+    return ACQUISITION_TO_CONTRAST.get(acquisition.strip(), acquisition.strip())
+
+
+def load_fastmri_plus(path: str | Path) -> dict[tuple[str, int], list[str]]:
+    """fastMRI+ annotations: ``(file stem, slice) -> [label, ...]`` (one entry per annotation, duplicates kept).
+
+    Rows without a slice number (study-level labels in some releases) or without a label are ignored.
+    """
+    import pandas as pd
+
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    needed = {"file", "slice", "label"}
+    if not needed <= set(df.columns):
+        raise ValueError(f"{path}: fastMRI+ CSV needs columns {sorted(needed)}, has {list(df.columns)}")
+    out: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for file, slc, label in zip(df["file"], df["slice"], df["label"]):
+        if is_missing(slc) or is_missing(label):
+            continue
+        try:
+            idx = int(float(slc))
+        except ValueError:
+            continue
+        out[(Path(file.strip()).stem, idx)].append(label.strip())
+    return dict(out)
+
+
+def _limit_threads() -> None:
+    """One thread per worker: the parallelism is over files."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        import numba
+
+        numba.set_num_threads(1)
+    except (ImportError, ValueError):
+        pass
+
+
+def process_fastmri_file(
+    path: Path, cfg: PreprocessConfig, pathology: dict[tuple[str, int], list[str]] | None = None
+) -> FileReport:
+    """Preprocess every slice of one fastMRI h5 file (resumable) and return its metadata rows.
+
+    Never raises for a bad input file: the error is returned in :attr:`FileReport.error`.
+    """
+    from utils.fastmri_io import FastMRIFile, header_metadata
+
+    stem = Path(path).stem
+    report = FileReport(name=stem)
+    try:
+        with FastMRIFile.open(path) as f:
+            anatomy = cfg.anatomy or infer_anatomy(stem)
+            ds_dir = dataset_dir(cfg.output_root, anatomy, cfg.crop_size, cfg.split)
+            meta = header_metadata(f.header, num_coils=f.num_coils)
+            contrast = contrast_from_acquisition(f.attrs.get("acquisition"))
+            extra = {
+                "source": str(path),
+                "source_shape": [f.num_slices, f.num_coils, *f.shape],
+                "crop_size": cfg.crop_size,
+                "espirit": asdict(cfg.espirit),
+            }
+            report.written, report.skipped = write_slices(
+                ds_dir,
+                stem,
+                range(f.num_slices),
+                lambda i: process_kspace_slice(f.read_slice(i), cfg.crop_size, cfg.espirit),
+                overwrite=cfg.overwrite,
+                extra_info=extra,
+            )
+            for idx in range(f.num_slices):
+                labels = (pathology or {}).get((stem, idx), [])
+                report.rows.append(
+                    {"anatomy": anatomy, "filename": stem, "slice": idx, "contrast": contrast, "pathology": labels, **meta}
+                )
+    except Exception as exc:  # a corrupt/truncated file must not stop the run
+        report.rows = []
+        report.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if os.environ.get("PREPROCESS_DEBUG"):
+            report.error += "\n" + traceback.format_exc()
+    return report
+
+
+def run_in_pool(
+    jobs: Sequence[tuple[str, Callable[..., FileReport], tuple]],
+    num_workers: int,
+    desc: str,
+    show_progress: bool = True,
+) -> list[FileReport]:
+    """Run ``fn(*args)`` for every job (in this process, or a process pool); collect reports.
+
+    A worker that dies (e.g. killed by the OS) is reported as a failure of its job rather than ending the run.
+    """
+    from tqdm.auto import tqdm
+
+    reports: list[FileReport] = []
+    bar = tqdm(total=len(jobs), desc=desc, unit="file", disable=not show_progress)
+    if num_workers == 1 or len(jobs) <= 1:
+        for name, fn, args in jobs:
+            reports.append(fn(*args))
+            bar.update(1)
+    else:
+        # forkserver: workers fork from a clean server that imported the pipeline once (fork from a process whose
+        # OpenMP/torch threads already ran is unsafe; spawn would import torch once per worker).
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["utils.preprocessing", "utils.fastmri_io"])
+        with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_limit_threads) as pool:
+            futures: dict[Future, str] = {pool.submit(fn, *args): name for name, fn, args in jobs}
+            for fut in as_completed(futures):
+                try:
+                    reports.append(fut.result())
+                except Exception as exc:  # BrokenProcessPool and the like
+                    reports.append(FileReport(name=futures[fut], error=f"worker failed: {type(exc).__name__}: {exc}"))
+                bar.update(1)
+    bar.close()
+    return reports
+
+
+def list_h5_files(input_dir: Path) -> list[Path]:
+    """Sorted ``*.h5`` files of a folder."""
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"input folder not found: {input_dir}")
+    return sorted(p for p in input_dir.iterdir() if p.suffix == ".h5" and p.is_file())
+
+
+def run_preprocessing(cfg: PreprocessConfig, show_progress: bool = True) -> RunSummary:
+    """Preprocess a folder of fastMRI h5 files and write the metadata CSV(s) (and stats, if asked).
+
+    Files that fail are reported in the summary and left out of the CSV; the others are processed.
+    """
+    start = time.perf_counter()
+    files = cfg.files if cfg.files is not None else list_h5_files(cfg.input_dir)
+    pathology = load_fastmri_plus(cfg.fastmri_plus_csv) if cfg.fastmri_plus_csv else None
+    jobs = [(p.stem, process_fastmri_file, (p, cfg, pathology)) for p in files]
+    reports = run_in_pool(jobs, cfg.num_workers, desc=f"preprocess {cfg.split}", show_progress=show_progress)
+    return _finish(reports, cfg.output_root, cfg.split, "fastmri", FASTMRI_CSV_COLUMNS, cfg.write_stats, start)
+
+
+def _finish(
+    reports: list[FileReport],
+    output_root: Path,
+    split: str,
+    kind: str,
+    columns: Sequence[str],
+    write_stats: bool,
+    start: float,
+) -> RunSummary:
+    reports = sorted(reports, key=lambda r: r.name)
+    by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for rep in reports:
+        for row in rep.rows:
+            group = "cardiology" if kind == "cmrx" else row["anatomy"]
+            by_group[group].append(row)
+    csv_paths = []
+    for group, rows in sorted(by_group.items()):
+        path = Path(output_root) / f"metadata_{group}_{split}.csv"
+        write_metadata_csv(path, rows, columns)
+        csv_paths.append(path)
+    stats_path = None
+    if write_stats:
+        all_csvs = sorted(Path(output_root).glob(f"metadata_*_{split}.csv"))
+        if all_csvs:
+            stats_path = Path(output_root) / "metadata_stats.json"
+            write_stats_from_csvs(all_csvs, stats_path)
+    failed = [(r.name, r.error) for r in reports if r.error is not None]
+    notes = [f"{r.name}: {n}" for r in reports for n in r.notes]
+    return RunSummary(
+        files_total=len(reports),
+        files_ok=len(reports) - len(failed),
+        failed=failed,
+        slices_written=sum(r.written for r in reports),
+        slices_skipped=sum(r.skipped for r in reports),
+        seconds=time.perf_counter() - start,
+        csv_paths=csv_paths,
+        stats_path=stats_path,
+        notes=notes,
+    )

@@ -1,0 +1,43 @@
+"""Training plumbing shared by ``train_mri.py`` and ``train_mri_ood.py``: typed config + command line, data order,
+DDPM objective, EMA, checkpoints, validation, the accelerate loop, and the inference snapshot and its loader."""
+
+from utils.training.config import ConfigError, OODTrainConfig, TrainConfig, build_parser, check_config, parse_config
+
+__all__ = [
+    "ConfigError",
+    "OODTrainConfig",
+    "TrainConfig",
+    "build_parser",
+    "check_config",
+    "load_trained_model",
+    "main",
+    "parse_config",
+    "train",
+]
+
+
+def train(config, step_callback=None):
+    """Run a training (see :func:`utils.training.loop.train`); imported lazily so ``--help`` stays fast."""
+    from utils.training.loop import train as _train
+
+    return _train(config, step_callback=step_callback)
+
+
+def load_trained_model(finetune_folder, base=None, **kwargs):
+    """Load a training run's output folder (see :func:`utils.training.export.load_trained_model`)."""
+    from utils.training.export import load_trained_model as _load
+
+    return _load(finetune_folder, base=base, **kwargs)
+
+
+def main(config_cls=TrainConfig, argv=None) -> int:
+    """Command-line entry of both training scripts: parse -> check -> train; bad input exits 2 with a message."""
+    import sys
+
+    try:
+        config = parse_config(argv, config_cls)
+        train(config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

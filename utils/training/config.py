@@ -1,0 +1,256 @@
+"""Typed run configuration of the training scripts, and the command line built from it.
+
+The dataclass is the single source of truth: every flag, its type, default, choices and help text are read from the
+fields, so the parser cannot drift from the config (the reference's hand-copied argparse defaults did).
+``train_mri.py`` uses :class:`TrainConfig`; ``train_mri_ood.py`` uses :class:`OODTrainConfig`, which only adds fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, group: str = "run") -> Any:
+    """A dataclass field that carries its command-line help (and choices)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+@dataclass
+class TrainConfig:
+    """Resolved configuration of one ``train_mri.py`` run (written to ``run_config.json``)."""
+
+    # --- model ---------------------------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str | None = _opt(
+        None, "Released checkpoint folder (fastmri/, skm-tea/, scheduler/, text_encoder/, tokenizer/). Leave out and "
+        "give --unet_config to train from scratch.", group="model")
+    pretrained_model_type: str = _opt("fastmri", "Which UNet of the released folder to start from.",
+                                      ("fastmri", "skm-tea"), group="model")
+    unet_config: str | None = _opt(None, "UNet config JSON for training from scratch (e.g. configs/unet/small.json).",
+                                   group="model")
+    text_encoder_type: str = _opt("clip", "Text encoder of the prompt (frozen); 'none' = metadata tokens only.",
+                                  ("clip", "t5", "none"), group="model")
+    text_encoder_path: str | None = _opt(
+        None, "Folder with the text encoder (and tokenizer); default: the released folder's text_encoder/ + tokenizer/.",
+        group="model")
+    enable_condition_emb: bool = _opt(False, "Append typed metadata tokens (Metadata Matters) after the text tokens.",
+                                      group="model")
+    metadata_stats: str | None = _opt(None, "metadata_stats.json for the condition embedder (needed with "
+                                      "--enable_condition_emb).", group="model")
+    use_lora: bool = _opt(False, "Train LoRA adapters instead of the full UNet.", group="model")
+    lora_rank: int = _opt(4, "LoRA rank.", group="model")
+    lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank, i.e. scale 1).", group="model")
+    gradient_checkpointing: bool = _opt(False, "Recompute UNet activations in the backward pass to save memory.",
+                                        group="model")
+
+    # --- data ----------------------------------------------------------------------------------------------------
+    data_root: str = _opt("./fastmri", "Root of the preprocessed slices ({anatomy}_mvue_{crop}_{split}/...).",
+                          group="data")
+    mri_metadata_dir_brain: str | None = _opt(None, "Brain metadata CSV (train split).", group="data")
+    mri_metadata_dir_knee: str | None = _opt(None, "Knee metadata CSV (train split).", group="data")
+    resolution: int = _opt(320, "Crop size of the preprocessed slices; every image must be resolution x resolution.",
+                           group="data")
+    train_batch_size: int = _opt(4, "Batch size per device.", group="data")
+    dataloader_num_workers: int = _opt(2, "Data loader worker processes.", group="data")
+    prompt_cfg_prob: float = _opt(0.1, "ContextMRI classifier-free dropout: probability of an empty prompt.",
+                                  group="data")
+
+    # --- optimisation --------------------------------------------------------------------------------------------
+    learning_rate: float = _opt(1e-4, "AdamW learning rate (the reference fine-tunes at 5e-5).", group="optim")
+    lr_scheduler: str = _opt("constant", "Learning-rate schedule.", LR_SCHEDULERS, group="optim")
+    lr_warmup_steps: int = _opt(0, "Linear warm-up steps of the schedule.", group="optim")
+    adam_beta1: float = _opt(0.9, "AdamW beta1.", group="optim")
+    adam_beta2: float = _opt(0.999, "AdamW beta2.", group="optim")
+    adam_weight_decay: float = _opt(1e-2, "AdamW weight decay.", group="optim")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon.", group="optim")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).", group="optim")
+    gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimiser step.", group="optim")
+    mixed_precision: str | None = _opt(None, "Autocast precision; default: accelerate's config.", ("no", "fp16", "bf16"),
+                                       group="optim")
+    seed: int = _opt(42, "Seed of model init, data order, noise and timesteps.", group="optim")
+    max_train_steps: int | None = _opt(None, "Optimiser steps to run (overrides --num_train_epochs).", group="optim")
+    num_train_epochs: int = _opt(100, "Epochs to run when --max_train_steps is not given.", group="optim")
+    cfg_prob: float = _opt(0.5, "Metadata dropout probability of the condition embedder (classifier-free training).",
+                           group="optim")
+    cfg_strategy: str = _opt("joint", "'joint': one draw per sample drops every attribute; 'independent': one draw "
+                             "per attribute.", ("joint", "independent"), group="optim")
+    use_ema: bool = _opt(False, "Keep an exponential moving average of the trainable weights (saved as the model).",
+                         group="optim")
+    ema_decay: float = _opt(0.999, "EMA decay.", group="optim")
+
+    # --- bookkeeping ---------------------------------------------------------------------------------------------
+    output_dir: str = _opt("./output", "Where checkpoints, logs and the final model go.", group="run")
+    logging_dir: str = _opt("logs", "Tracker folder, relative to --output_dir.", group="run")
+    report_to: str = _opt("tensorboard", "accelerate tracker ('tensorboard', 'wandb', 'all' or 'none').", group="run")
+    checkpointing_steps: int = _opt(500, "Save the resume state (checkpoint-{step}) every N optimiser steps.",
+                                    group="run")
+    checkpoints_total_limit: int | None = _opt(None, "Keep at most this many checkpoint-* folders.", group="run")
+    resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint-{step} folder to continue from.",
+                                              group="run")
+    validation_steps: int = _opt(0, "Reconstruct validation slices every N optimiser steps (0 = off).", group="run")
+    validation_metadata_brain: str | None = _opt(None, "Brain validation CSV (default: {data_root}/metadata_brain_val.csv"
+                                                 " when validating).", group="run")
+    validation_metadata_knee: str | None = _opt(None, "Knee validation CSV (default: {data_root}/metadata_knee_val.csv "
+                                                "when validating).", group="run")
+    num_validation_slices: int = _opt(4, "Validation slices reconstructed each time.", group="run")
+    validation_inference_steps: int = _opt(20, "DDS steps of the validation reconstructions.", group="run")
+    validation_mask_type: str = _opt("uniform1d", "Mask of the validation reconstructions.", group="run")
+    validation_acc_factor: float = _opt(4.0, "Acceleration of the validation masks.", group="run")
+    dry_run: bool = _opt(False, "Build everything, check the inputs, print the resolved config and exit.",
+                         group="run")
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict, ignoring unknown keys (e.g. an OOD run config read by the base class)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @property
+    def is_ood(self) -> bool:
+        return False
+
+    @property
+    def train_csvs(self) -> dict[str, str]:
+        """In-distribution training CSVs by anatomy (either one alone is enough)."""
+        csvs = {"brain": self.mri_metadata_dir_brain, "knee": self.mri_metadata_dir_knee}
+        return {k: v for k, v in csvs.items() if v}
+
+
+@dataclass
+class OODTrainConfig(TrainConfig):
+    """``train_mri_ood.py``: ``train_mri.py`` plus cardiac out-of-distribution samples with restricted timesteps."""
+
+    cardio_data_root: str | None = _opt(None, "Root of the preprocessed cardiac slices (default: --data_root).",
+                                        group="ood")
+    mri_metadata_dir_cardio: str | None = _opt(None, "Cardiac metadata CSV (train split).", group="ood")
+    use_ood: bool = _opt(False, "Mix the cardiac set into training (off: identical to train_mri.py).", group="ood")
+    ood_ratio: float | None = _opt(None, "Fraction of cardiac samples per epoch, in (0, 1); default: the natural "
+                                   "proportion (all slices of both sets once per epoch).", group="ood")
+    ood_t_min: int = _opt(750, "Cardiac samples draw timesteps only from [ood_t_min, num_train_timesteps).",
+                          group="ood")
+    ood_anatomy: str = _opt("cardiac", "Anatomy name of the cardiac slice folders ({anatomy}_mvue_{crop}_{split}).",
+                            group="ood")
+
+    @property
+    def is_ood(self) -> bool:
+        return self.use_ood
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# argparse built from the dataclass
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _base_type(annotation: Any) -> type:
+    """``int | None`` -> ``int``; ``bool`` -> ``bool`` (annotations are strings under ``from __future__``)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {}, {})  # noqa: S307 - our own field annotations only
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0]
+    return annotation
+
+
+_GROUP_TITLES = {"model": "model", "data": "data", "optim": "optimisation", "run": "run / bookkeeping",
+                 "ood": "out-of-distribution (cardiac)"}
+
+
+def build_parser(config_cls: type[TrainConfig] = TrainConfig, description: str | None = None) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with one ``--flag`` per field of ``config_cls``."""
+    parser = argparse.ArgumentParser(description=description or config_cls.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(config_cls):
+        group_name = f.metadata.get("group", "run")
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(_GROUP_TITLES.get(group_name, group_name))
+        group = groups[group_name]
+        kind = _base_type(f.type)
+        flag = f"--{f.name}"
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            group.add_argument(flag, action="store_true", default=f.default, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, config_cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """Parse a command line into a ``config_cls`` and check the values that need no file access."""
+    args = build_parser(config_cls).parse_args(argv)
+    config = config_cls(**vars(args))
+    check_config(config)
+    return config
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; raised before anything is built."""
+
+
+def check_config(config: TrainConfig) -> None:
+    """Validate the values of a config (not the files they name: see ``utils.training.setup``).
+
+    Raises:
+        ConfigError: with a message that names the offending flag.
+    """
+    problems: list[str] = []
+    if not config.pretrained_model_name_or_path and not config.unet_config:
+        problems.append("give --pretrained_model_name_or_path (released checkpoint) or --unet_config (from scratch)")
+    if not config.train_csvs:
+        problems.append("give at least one of --mri_metadata_dir_brain / --mri_metadata_dir_knee")
+    if config.use_lora and not config.pretrained_model_name_or_path:
+        problems.append("--use_lora adapts the released UNet: give --pretrained_model_name_or_path")
+    if config.enable_condition_emb and not config.metadata_stats:
+        problems.append("--enable_condition_emb needs --metadata_stats")
+    if config.text_encoder_type == "none" and not config.enable_condition_emb:
+        problems.append("--text_encoder_type none leaves the model unconditioned: add --enable_condition_emb")
+    if config.text_encoder_type != "none" and not (config.text_encoder_path or config.pretrained_model_name_or_path):
+        problems.append(f"--text_encoder_type {config.text_encoder_type} needs --text_encoder_path (or a released "
+                        "folder with text_encoder/)")
+    for name in ("cfg_prob", "prompt_cfg_prob"):
+        value = getattr(config, name)
+        if not 0.0 <= value <= 1.0:
+            problems.append(f"--{name} must lie in [0, 1], got {value}")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "lora_rank", "checkpointing_steps",
+                 "num_train_epochs"):
+        if getattr(config, name) < 1:
+            problems.append(f"--{name} must be >= 1, got {getattr(config, name)}")
+    if config.max_train_steps is not None and config.max_train_steps < 1:
+        problems.append(f"--max_train_steps must be >= 1, got {config.max_train_steps}")
+    if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:
+        problems.append(f"--checkpoints_total_limit must be >= 1, got {config.checkpoints_total_limit}")
+    if not 0.0 < config.ema_decay < 1.0:
+        problems.append(f"--ema_decay must lie in (0, 1), got {config.ema_decay}")
+    if config.learning_rate <= 0:
+        problems.append(f"--learning_rate must be > 0, got {config.learning_rate}")
+    if config.dataloader_num_workers < 0 or config.validation_steps < 0 or config.lr_warmup_steps < 0:
+        problems.append("--dataloader_num_workers, --validation_steps and --lr_warmup_steps must be >= 0")
+    if config.resume_from_checkpoint not in (None, "latest") and not Path(config.resume_from_checkpoint).is_dir():
+        problems.append(f"--resume_from_checkpoint {config.resume_from_checkpoint}: no such folder (or use 'latest')")
+    if isinstance(config, OODTrainConfig) and config.use_ood:
+        if not config.mri_metadata_dir_cardio:
+            problems.append("--use_ood needs --mri_metadata_dir_cardio")
+        if config.ood_ratio is not None and not 0.0 < config.ood_ratio < 1.0:
+            problems.append(f"--ood_ratio must lie in (0, 1), got {config.ood_ratio}")
+        if not 0 <= config.ood_t_min:
+            problems.append(f"--ood_t_min must be >= 0, got {config.ood_t_min}")
+    if problems:
+        raise ConfigError("invalid training configuration:\n  - " + "\n  - ".join(problems))
