@@ -176,7 +176,7 @@ def run_reconstruction(
     from tqdm.auto import tqdm
 
     from utils.channels import channels_to_complex
-    from utils.metrics import slice_metrics
+    from utils.metrics import contextmri_metrics
 
     out = settings.out_dir(save_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,8 @@ def run_reconstruction(
         else:
             groups = [batch]
         for group in groups:
-            _reconstruct_group(group, settings, out, diffusion, torch.device(device), channels_to_complex, slice_metrics)
+            _reconstruct_group(group, settings, out, diffusion, torch.device(device), channels_to_complex,
+                               contextmri_metrics)
             bar.update(len(group))
     bar.close()
     return out
@@ -268,7 +269,7 @@ def _reconstruct_group(group, settings, out, diffusion, device, channels_to_comp
             "num_center_lines": masks[b].num_center_lines,
             "time_s": elapsed,
             "nfe": nfe,
-            **{f"contextmri_{k}": v for k, v in slice_metrics(gt_np, rec_np, protocol="contextmri").items()},
+            **{f"contextmri_{k}": v for k, v in slice_metrics(gt_np, rec_np).items() if k in ("psnr", "ssim", "nmse")},
         }
         if settings.save_png:
             panels = {
@@ -282,3 +283,69 @@ def _reconstruct_group(group, settings, out, diffusion, device, channels_to_comp
                 panels["std x5"] = 5 * std[b].detach().cpu().numpy()
             save_slice_png(out / "png" / f"{item.filename}_{item.slice_idx:03d}.png", panels)
         _atomic_write_text(out / "rows" / f"{rel}.json", json.dumps(row))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std())
+
+
+def summarize(out_dir: str | Path, dataset: Sequence, indices: Sequence[int] | None = None) -> dict[str, Any]:
+    """Merge per-slice rows into per-volume and overall results and write the summary files.
+
+    fastMRI-protocol metrics are computed per *volume* (magnitudes, ``data_range = max`` of the volume's ground
+    truth) from the saved reconstructions; ContextMRI-protocol metrics are the per-slice values averaged. Overall
+    figures are mean ± std over volumes (fastMRI) and over slices (ContextMRI).
+
+    Returns:
+        The summary dict (also written as ``summary.json``; per-volume rows go to ``summary.csv``, per-slice rows to
+        ``slices.csv``).
+    """
+    import pandas as pd
+
+    from utils.channels import channels_to_complex
+    from utils.metrics import evaluate_volume
+
+    out = Path(out_dir)
+    idx = list(range(len(dataset))) if indices is None else list(indices)
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for i in idx:
+        item = dataset[i]
+        by_file.setdefault(item.filename, []).append((item.slice_idx, i))
+    slice_rows: list[dict[str, Any]] = []
+    volume_rows: list[dict[str, Any]] = []
+    missing: list[str] = []
+    for filename, entries in sorted(by_file.items()):
+        entries.sort()
+        gts, recs = [], []
+        for slice_idx, i in entries:
+            row_path = out / "rows" / filename / f"{slice_idx:03d}.json"
+            if not row_path.is_file():
+                missing.append(f"{filename}/{slice_idx:03d}")
+                continue
+            slice_rows.append(json.loads(row_path.read_text()))
+            gts.append(channels_to_complex(torch.as_tensor(dataset[i].image)[None])[0].numpy())
+            recs.append(np.load(out / "recon" / filename / f"{slice_idx:03d}.npy"))
+        if gts:
+            m = evaluate_volume(np.stack(gts), np.stack(recs), protocol="fastmri")
+            volume_rows.append({"filename": filename, "num_slices": len(gts),
+                                **{f"fastmri_{k}": m[k] for k in ("psnr", "ssim", "nmse")}})
+    if missing:
+        raise RuntimeError(f"{len(missing)} slice(s) not reconstructed yet (e.g. {missing[:3]}); run again to finish")
+    summary: dict[str, Any] = {"num_volumes": len(volume_rows), "num_slices": len(slice_rows)}
+    if (out / "settings.json").is_file():
+        summary["settings"] = json.loads((out / "settings.json").read_text())
+    for key in ("fastmri_psnr", "fastmri_ssim", "fastmri_nmse"):
+        summary[key] = dict(zip(("mean", "std"), _mean_std([r[key] for r in volume_rows])))
+    for key in ("contextmri_psnr", "contextmri_ssim", "contextmri_nmse", "time_s", "nfe", "acceleration"):
+        summary[key] = dict(zip(("mean", "std"), _mean_std([r[key] for r in slice_rows])))
+    summary["protocols"] = {
+        "fastmri": "magnitude, volume-wise, data_range = max(ground-truth volume); mean ± std over volumes",
+        "contextmri": "per-slice min-max normalised magnitudes, data_range = 1; mean ± std over slices",
+    }
+    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    _atomic_write_text(out / "summary.csv", pd.DataFrame(volume_rows).to_csv(index=False))
+    _atomic_write_text(out / "slices.csv", pd.DataFrame(slice_rows).to_csv(index=False))
+    return summary
