@@ -425,9 +425,8 @@ class MetadataConditionEmbedder(ModelMixin, ConfigMixin):
         tokens = []
         for k, key in enumerate(self.keys):
             empty = self.empty[k].expand(batch, -1)
-            if bool(dropped[:, k].all()):
-                tokens.append(empty)
-                continue
+            # Every MLP runs even when its key is dropped for the whole batch, so that all parameters take part in
+            # every step (DistributedDataParallel without find_unused_parameters).
             emb, missing = self._embed_key(key, [r.get(key) for r in records], device, dtype)
             use_empty = (missing | dropped[:, k])[:, None]
             tokens.append(torch.where(use_empty, empty, emb))

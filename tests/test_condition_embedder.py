@@ -169,7 +169,7 @@ def test_geometric_frequencies():
 
 @pytest.mark.parametrize("strategy", ["joint", "independent"])
 def test_cfg_dropout_statistics(stats, strategy):
-    p, batch = 0.3, 2000
+    p, batch = 0.3, 1000
     emb = _embedder(stats, cfg_prob=p, cfg_strategy=strategy).train()
     records = [_record(slice_number=float(i % 30)) for i in range(batch)]
     g = torch.Generator().manual_seed(123)
@@ -261,3 +261,12 @@ def test_invalid_configuration(stats):
         MetadataConditionEmbedder.from_stats({"TR": {"lo": 1}}, D)
     with pytest.raises(TypeError):
         _embedder(stats)(_record())
+
+
+def test_every_parameter_gets_a_gradient_even_when_all_keys_are_dropped(stats):
+    """DDP without find_unused_parameters needs every parameter in the graph at every step."""
+    emb = _embedder(stats, cfg_prob=1.0, cfg_strategy="joint").train()
+    out = emb([_record()])
+    assert out.dropped.all()
+    out.tokens.sum().backward()
+    assert all(p.grad is not None for p in emb.parameters())

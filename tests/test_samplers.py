@@ -29,19 +29,34 @@ SCHEDULE = DiffusionSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=10
 ACP = SCHEDULE.alphas_cumprod
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny: one thread is fastest, and it avoids OpenMP spin-waiting, which makes small FFTs and
+    convolutions ~100x slower when the cores are shared with other processes. Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
 
 
+def _line_mask(w: int, g: torch.Generator) -> torch.Tensor:
+    """1-D phase-encode mask ``(1, W)``: 4 centre lines plus W/4 random lines (~2.5–3x)."""
+    mask = torch.zeros(1, w)
+    mask[:, w // 2 - 2 : w // 2 + 2] = 1
+    mask[:, torch.randperm(w, generator=g)[: w // 4]] = 1
+    return mask
+
+
 def _problem(b: int = 2, coils: int = 4, h: int = 16, w: int = 16, seed: int = 0):
-    """A random multi-coil problem: unit-norm birdcage maps, a 1-D line mask (~3x), complex images, y = A x."""
+    """A random multi-coil problem: unit-norm birdcage maps, a 1-D line mask, complex images, y = A x."""
     g = torch.Generator().manual_seed(seed)
     maps = torch.from_numpy(sigpy.mri.birdcage_maps((coils, h, w))).to(torch.complex64)
     maps = maps / maps.abs().square().sum(0, keepdim=True).sqrt()  # Σ|S|² = 1
-    mask = torch.zeros(1, w)
-    mask[:, w // 2 - 2 : w // 2 + 2] = 1  # fully sampled centre
-    outer = torch.randperm(w, generator=g)[: w // 4]
-    mask[:, outer] = 1
+    mask = _line_mask(w, g)
     x0 = torch.complex(torch.randn(b, h, w, generator=g), torch.randn(b, h, w, generator=g))
     op = SenseOperator(maps.expand(b, -1, -1, -1).clone(), mask)
     return op, op(x0), x0
@@ -201,7 +216,7 @@ def test_dds_per_sample_generators_make_slices_independent_of_the_batch():
 
 def test_dds_keeps_data_consistency_in_fp32_under_bf16_autocast():
     _, _, x0 = _problem(b=2, seed=3)
-    op = SenseOperator.single_coil(_problem()[0].mask, (2, 16, 16))
+    op = SenseOperator.single_coil(_line_mask(16, torch.Generator().manual_seed(3)), (2, 16, 16))
     y = op(x0)
     conv = torch.nn.Conv2d(2, 2, 3, padding=1)
     with torch.no_grad():

@@ -69,7 +69,7 @@ def test_header_validates_and_has_every_real_field(tiny_dataset, test_data_dir):
         assert enc.encodedSpace.matrixSize.x == 64 and enc.encodedSpace.matrixSize.y == 32
         assert header.acquisitionSystemInformation.receiverChannels == res.num_coils
         assert header.sequenceParameters.TR[0] == res.protocol.acq.tr
-        assert header.sequenceParameters.sequence_type[0] == res.protocol.acq.sequence
+        assert header.sequenceParameters.sequence_type == res.protocol.acq.sequence
         assert abs(header.acquisitionSystemInformation.systemFieldStrength_T - res.protocol.scanner.field_strength) < 1e-6
         # Zero-padded phase-encode columns are exactly where the encoding limits say (fastMRI's padding formula).
         lim = enc.encodingLimits.kspace_encoding_step_1

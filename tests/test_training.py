@@ -244,7 +244,7 @@ def test_bad_inputs_fail_before_training(assets, tmp_path, one_thread):
     argv = _base_args(assets, tmp_path / "bad", "--max_train_steps", "1")
     argv[argv.index("--data_root") + 1] = str(wrong)
     argv[argv.index("--mri_metadata_dir_brain") + 1] = str(csv)
-    with pytest.raises(ConfigError, match="40x40, expected 32x32"):
+    with pytest.raises(ConfigError, match=r"shape \(40, 40\), expected \(32, 32\)"):
         _train(argv, callback=_no_step)
 
 

@@ -6,8 +6,8 @@ Two families share one entry point, :func:`get_mask`:
   reference drew lines/points *with replacement*, so duplicates silently lowered the sampling rate (``uniform1d`` at
   nominal 4x achieved 4.47x). Here every draw is *without replacement*: the mask holds exactly
   ``round(N / acc_factor)`` samples (``N`` = ``W`` lines for 1-D, ``H*W`` pixels for 2-D) whenever the fully sampled
-  centre fits in that budget, so achieved == nominal up to rounding. ``poisson2d`` is sigpy's variable-density
-  Poisson disc, whose slope is searched to within 0.1 of the nominal rate.
+  centre fits in that budget, so achieved == nominal up to rounding. ``poisson2d`` is a variable-density Poisson
+  disc (sigpy's sampler and density law) trimmed to the same exact budget.
 * fastMRI's mask functions (``random``, ``equispaced``, ``equispaced_fraction``, ``magic``, ``magic_fraction``) with
   exactly the semantics of ``fastmri/data/subsample.py``: ``nlf = round(W * center_fraction)`` centre lines starting at
   ``(W - nlf + 1) // 2``, plus the family's outer lines. Only the random source differs (a local
@@ -18,8 +18,8 @@ Two families share one entry point, :func:`get_mask`:
 Both broadcast against k-space ``[..., H, W]`` (see :class:`utils.operators.SenseOperator`).
 
 Randomness: every draw uses a local ``numpy.random.Generator`` built from ``seed`` (fresh OS entropy when ``seed`` is
-None); the global numpy and torch RNGs are never read or written. ``poisson2d`` hands sigpy an integer seed drawn from
-that generator; sigpy seeds numba's private RNG with it and restores numpy's global state.
+None); the global numpy and torch RNGs are never read or written. ``poisson2d`` hands sigpy's numba sampler an integer
+seed drawn from that generator (numba keeps its own RNG, separate from numpy's global one).
 """
 
 from __future__ import annotations
@@ -209,11 +209,7 @@ def _mask_2d(kind: str, h: int, w: int, acc: float, cf: float, rng: np.random.Ge
     if acc == 1:
         return np.ones((h, w), dtype=np.float32), cw
     if kind == "poisson2d":
-        import sigpy.mri  # local import: sigpy (numba) is slow to import and only this family needs it
-
-        sub_seed = int(rng.integers(0, 2**31 - 1))
-        mask = sigpy.mri.poisson((h, w), acc, calib=(ch, cw), dtype=np.float32, crop_corner=True, seed=sub_seed)
-        return np.maximum(mask, center).astype(np.float32), cw
+        return _poisson_disc(h, w, acc, center, (ch, cw), rng), cw
 
     outer = np.flatnonzero(~center.ravel())
     n_outer = max(0, min(round(h * w / acc) - int(center.sum()), outer.size))
@@ -226,6 +222,62 @@ def _mask_2d(kind: str, h: int, w: int, acc: float, cf: float, rng: np.random.Ge
     flat = center.ravel().astype(np.float32)
     flat[outer[_weighted_sample_without_replacement(weights, n_outer, rng)]] = 1.0
     return flat.reshape(h, w), cw
+
+
+def _poisson_disc(
+    h: int, w: int, acc: float, center: np.ndarray, calib: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
+    """Variable-density Poisson-disc mask with exactly ``round(H*W/acc)`` samples when reachable.
+
+    Uses sigpy's Bridson sampler (``sigpy.mri.samp._poisson``, numba) with sigpy's density law: disc radius
+    ``∝ 1 + slope·r`` with ``r`` the normalised distance outside the calibration square, corners (``r >= 1``)
+    cropped. ``sigpy.mri.poisson`` itself bisects the slope in an unbounded float loop that can spin forever for
+    some seeds; here the bisection is capped, the densest mask with at least the target count is kept, and surplus
+    outer points are removed at random (removing points keeps the minimum-distance property).
+    """
+    from sigpy.mri.samp import _poisson  # local import: numba compilation only when this family is used
+
+    target = round(h * w / acc)
+    yy, xx = np.mgrid[:h, :w]
+    rx = np.maximum(np.abs(xx - w / 2) - calib[1] / 2, 0)
+    ry = np.maximum(np.abs(yy - h / 2) - calib[0] / 2, 0)
+    rx, ry = rx / max(rx.max(), 1e-12), ry / max(ry.max(), 1e-12)
+    r = np.sqrt(rx**2 + ry**2)
+    inside = (r < 1) | center
+    # sigpy seeds numba's private RNG (not numpy's global one) with this integer.
+    sub_seed = int(rng.integers(0, 2**31 - 1))
+    big = max(h, w)
+
+    best, best_n, densest, densest_n = None, None, None, -1
+    lo, hi = 0.0, float(big)
+    for _ in range(_POISSON_MAX_BISECTIONS):
+        slope = 0.5 * (lo + hi)
+        radius_x = np.clip((1 + r * slope) * w / big, 1, None)
+        radius_y = np.clip((1 + r * slope) * h / big, 1, None)
+        m = _poisson(w, h, _POISSON_MAX_ATTEMPTS, radius_x, radius_y, calib, sub_seed)
+        m = np.maximum(m * inside, center)
+        n = int(m.sum())
+        if n > densest_n:
+            densest, densest_n = m, n
+        if n >= target and (best_n is None or n < best_n):
+            best, best_n = m, n
+        if n == target:
+            break
+        if n > target:
+            lo = slope  # too many samples: make discs grow faster with radius
+        else:
+            hi = slope
+    if best is None:  # target unreachable (acc close to 1 with cropped corners): keep the densest pattern
+        return densest.astype(np.float32)
+    surplus = best_n - target
+    if surplus > 0:
+        removable = np.flatnonzero((best > 0) & ~center)
+        best.ravel()[rng.choice(removable, size=min(surplus, removable.size), replace=False)] = 0
+    return best.astype(np.float32)
+
+
+_POISSON_MAX_BISECTIONS = 30
+_POISSON_MAX_ATTEMPTS = 30
 
 
 def _require_integer_rate(kind: str, acc: float) -> int:

@@ -147,8 +147,6 @@ class OODTrainConfig(TrainConfig):
                                    "proportion (all slices of both sets once per epoch).", group="ood")
     ood_t_min: int = _opt(750, "Cardiac samples draw timesteps only from [ood_t_min, num_train_timesteps).",
                           group="ood")
-    ood_anatomy: str = _opt("cardiac", "Anatomy name of the cardiac slice folders ({anatomy}_mvue_{crop}_{split}).",
-                            group="ood")
 
     @property
     def is_ood(self) -> bool:

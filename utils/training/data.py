@@ -64,7 +64,7 @@ class TrainCollate:
     def __call__(self, items: Sequence[tuple[Any, int]]) -> TrainBatch:
         images = []
         for sample, _ in items:
-            image = torch.as_tensor(np.asarray(sample.image), dtype=torch.float32)
+            image = torch.as_tensor(sample.image, dtype=torch.float32)
             if tuple(image.shape) != (2, self.resolution, self.resolution):
                 raise ValueError(f"{sample.filename} slice {sample.slice_idx}: image shape {tuple(image.shape)}, "
                                  f"expected (2, {self.resolution}, {self.resolution}) (--resolution)")
@@ -92,39 +92,16 @@ def _check_csv(path: str, flag: str) -> None:
 
 
 def _make_dataset(root: str, csv: str, split: str, resolution: int, load_maps: bool, flag: str,
-                  train: bool) -> Dataset:
+                  seed: int) -> Dataset:
+    """An ``MRISliceDataset``; it checks every row's file and image size (``.npy`` headers) when built."""
     from utils.data import MRISliceDataset
 
     _check_csv(csv, flag)
     try:
-        ds = MRISliceDataset(root, [csv], split=split, crop_size=resolution, load_maps=load_maps, train=train)
+        ds = MRISliceDataset(root, [csv], split=split, crop_size=resolution, load_maps=load_maps, seed=seed)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        raise ConfigError(f"{flag} {csv} (data root {root}): {err}") from err
-    if len(ds) == 0:
-        raise ConfigError(f"{flag} {csv}: no slice of this CSV was found under {root}")
+        raise ConfigError(f"{flag} {csv} (data root {root}, --resolution {resolution}): {err}") from err
     return ds
-
-
-def check_image_sizes(dataset: Dataset, resolution: int, name: str, max_items: int | None = None) -> None:
-    """Check that the slices of ``dataset`` are ``resolution x resolution`` (reading only ``.npy`` headers if possible).
-
-    Raises:
-        ConfigError: naming the first file of the wrong size.
-    """
-    n = len(dataset) if max_items is None else min(len(dataset), max_items)
-    paths = getattr(dataset, "slice_paths", None)
-    for i in range(n):
-        if callable(paths):
-            path = paths(i)
-            shape = np.load(path, mmap_mode="r").shape[-2:]
-            where = str(path)
-        else:
-            sample = dataset[i]
-            shape = tuple(np.asarray(sample.image).shape[-2:])
-            where = f"{sample.filename} slice {sample.slice_idx}"
-        if tuple(shape) != (resolution, resolution):
-            raise ConfigError(f"{name}: {where} is {shape[0]}x{shape[1]}, expected {resolution}x{resolution} "
-                              f"(--resolution {resolution}; preprocess with the same crop)")
 
 
 def check_stats_cover(stats: Mapping[str, Any], csvs: Mapping[str, str]) -> None:
@@ -188,7 +165,7 @@ def build_training_data(config: TrainConfig, stats: Mapping[str, Any] | None = N
     datasets, names, ratios, csv_flags = [], [], [], {}
     for anatomy, csv in config.train_csvs.items():
         flag = f"--mri_metadata_dir_{anatomy}"
-        datasets.append(_make_dataset(config.data_root, csv, "train", config.resolution, False, flag, train=True))
+        datasets.append(_make_dataset(config.data_root, csv, "train", config.resolution, False, flag, config.seed))
         names.append(anatomy)
         csv_flags[flag] = csv
     if len(datasets) > 1:  # brain + knee form one in-distribution source
@@ -200,13 +177,11 @@ def build_training_data(config: TrainConfig, stats: Mapping[str, Any] | None = N
         root = config.cardio_data_root or config.data_root
         flag = "--mri_metadata_dir_cardio"
         datasets.append(_make_dataset(root, config.mri_metadata_dir_cardio, "train", config.resolution, False, flag,
-                                      train=True))
-        names.append(config.ood_anatomy)
+                                      config.seed))
+        names.append("cardiac")
         ratios.append(config.ood_ratio)
         ood_sources.append(len(datasets) - 1)
         csv_flags[flag] = config.mri_metadata_dir_cardio
-    for ds, name in zip(datasets, names):
-        check_image_sizes(ds, config.resolution, name)
     if stats is not None:
         check_stats_cover(stats, csv_flags)
 
@@ -239,30 +214,25 @@ def _validation_items(config: TrainConfig) -> list:
         raise ConfigError("--validation_steps needs --validation_metadata_brain/--validation_metadata_knee (or "
                           "{data_root}/metadata_{anatomy}_val.csv)")
     datasets = [_make_dataset(config.data_root, csv, "val", config.resolution, True,
-                              f"--validation_metadata_{anatomy}", train=False) for anatomy, csv in csvs.items()]
+                              f"--validation_metadata_{anatomy}", config.seed) for anatomy, csv in csvs.items()]
     # Evenly spread, fixed choice of slices across the validation sets.
     pool = [(ds, i) for ds in datasets for i in range(len(ds))]
     k = min(config.num_validation_slices, len(pool))
     picks = [pool[int(j)] for j in np.linspace(0, len(pool) - 1, k).round().astype(int)] if k else []
-    items = [ds[i] for ds, i in picks]
-    for item in items:
-        shape = tuple(np.asarray(item.image).shape[-2:])
-        if shape != (config.resolution, config.resolution):
-            raise ConfigError(f"validation slice {item.filename} {item.slice_idx} is {shape}, expected "
-                              f"{config.resolution}x{config.resolution}")
-    return items
+    return [ds[i] for ds, i in picks]
 
 
 def make_dataloader(data: TrainingData, config: TrainConfig) -> DataLoader:
     """A loader over whole batches (``drop_last``: every step sees ``train_batch_size`` samples per process).
 
-    Its own CPU generator keeps the DataLoader from drawing its worker base seed from the global RNG.
+    Its own CPU generator keeps the DataLoader from drawing its worker base seed from the global RNG. Workers are
+    not persistent: they are re-created each epoch with the dataset's current epoch (its prompt draws depend on it).
     """
     batches = BatchSampler(data.sampler, batch_size=config.train_batch_size, drop_last=True)
     workers = config.dataloader_num_workers
     return DataLoader(
         data.dataset, batch_sampler=batches, collate_fn=data.collate, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(config.seed),
     )

@@ -260,6 +260,7 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
         if done:
             break
         data.sampler.select_epoch(epoch)
+        data.dataset.select_epoch(epoch)
         skip = state.batch_in_epoch if epoch == state.epoch else 0
         epoch_loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         for batch_index, batch in enumerate(epoch_loader, start=skip):

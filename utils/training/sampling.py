@@ -47,6 +47,15 @@ class TaggedConcatDataset(Dataset):
     def __len__(self) -> int:
         return self.total
 
+    def select_epoch(self, epoch: int) -> None:
+        """Pass the epoch to every dataset that has ``set_epoch`` (e.g. ``MRISliceDataset``'s prompt draws)."""
+        stack = list(self.datasets)
+        while stack:
+            ds = stack.pop()
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+            stack.extend(getattr(ds, "datasets", []))  # torch ConcatDataset
+
     def __getitem__(self, index: int):
         if not 0 <= index < self.total:
             raise IndexError(index)
