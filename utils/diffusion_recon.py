@@ -98,3 +98,88 @@ class DiffusionReconstructor:
                 generators=list(generators), stats=stats,
             )
         return x.unsqueeze(0), stats.nfe
+
+
+def check_embedder_matches_stats(embedder: Any, stats_path: str | None) -> None:
+    """Raise ``ValueError`` if a trained embedder was built from a different ``metadata_stats.json``.
+
+    Vocabularies and numerical ranges decide what each embedding row means; a different stats file would silently
+    feed the model wrong indices and normalisations.
+    """
+    if embedder is None or stats_path is None:
+        return
+    from models.condition_embedder import MetadataConditionEmbedder
+
+    fresh = MetadataConditionEmbedder.from_stats(
+        stats_path, embed_dim=embedder.config.embed_dim, include_keys=list(embedder.config.key_order), sort_keys=False,
+    ) if set(embedder.config.key_order) <= set(_stats_keys(stats_path)) else None
+    if fresh is None:
+        missing = sorted(set(embedder.config.key_order) - set(_stats_keys(stats_path)))
+        raise ValueError(f"{stats_path} lacks key(s) {missing} that the trained condition embedder uses")
+    problems = []
+    for field_name in ("categorical", "multi_label", "numerical"):
+        trained = {k: list(v) for k, v in (getattr(embedder.config, field_name) or {}).items()}
+        given = {k: list(v) for k, v in (getattr(fresh.config, field_name) or {}).items()}
+        for key in sorted(set(trained) | set(given)):
+            if trained.get(key) != given.get(key):
+                problems.append(f"{key}: trained with {trained.get(key)!r}, stats file has {given.get(key)!r}")
+    if problems:
+        raise ValueError(
+            f"the condition embedder in the checkpoint does not match {stats_path}:\n  " + "\n  ".join(problems[:10])
+            + "\nUse the metadata_stats.json the model was trained with."
+        )
+
+
+def _stats_keys(stats_path: str) -> list[str]:
+    from utils.metadata import load_metadata_stats
+
+    return list(load_metadata_stats(stats_path))
+
+
+def load_reconstruction_model(
+    pretrained_model_name_or_path: str | None,
+    pretrained_model_type: str = "fastmri",
+    finetune_folder: str | None = None,
+    enable_condition_emb: bool = False,
+    metadata_stats: str | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.nn.Module, torch.nn.Module, DiffusionSchedule]:
+    """The UNet, condition builder and schedule to sample with.
+
+    With ``finetune_folder`` (a ``train_mri.py`` output) the trained UNet/LoRA, condition embedder and scheduler are
+    loaded (the released folder supplies the base UNet of a LoRA run and the CLIP text encoder); without it, the
+    released ContextMRI model with its CLIP prompt conditioning.
+
+    Raises:
+        ValueError: ``--enable_condition_emb`` without an embedder in the folder, or a stats file that does not match.
+    """
+    if finetune_folder is not None:
+        from utils.training import load_trained_model
+
+        trained = load_trained_model(finetune_folder, base=pretrained_model_name_or_path,
+                                     model_type=pretrained_model_type, device=device)
+        embedder = trained.conditioner.metadata
+        if enable_condition_emb and embedder is None:
+            raise ValueError(f"--enable_condition_emb given but {finetune_folder} has no condition_embedder/")
+        if embedder is not None and not enable_condition_emb:
+            raise ValueError(f"{finetune_folder} was trained with metadata embeddings: pass --enable_condition_emb "
+                             "and its --metadata_stats")
+        if embedder is not None:
+            if metadata_stats is None:
+                raise ValueError("--metadata_stats is required with --enable_condition_emb")
+            check_embedder_matches_stats(embedder, metadata_stats)
+        return trained.unet, trained.conditioner, DiffusionSchedule.from_scheduler(trained.scheduler)
+    if pretrained_model_name_or_path is None:
+        raise ValueError("give --pretrained_model_name_or_path (the released MRI_checkpoint) and/or --finetune_folder")
+    if enable_condition_emb:
+        raise ValueError("--enable_condition_emb needs --finetune_folder: the released model has no metadata embedder")
+    from models.conditioning import ConditionBuilder
+    from models.text_encoders import TextConditioner
+    from models.unet import condition_dim, load_released_checkpoint
+
+    released = load_released_checkpoint(pretrained_model_name_or_path, pretrained_model_type)
+    text = TextConditioner("clip", released.text_encoder, released.tokenizer, condition_dim(released.unet))
+    conditioner = ConditionBuilder(text, None)
+    unet = released.unet.to(device).eval().requires_grad_(False)
+    conditioner.to(device).eval().requires_grad_(False)
+    return unet, conditioner, DiffusionSchedule.from_scheduler(released.scheduler)
