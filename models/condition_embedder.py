@@ -28,7 +28,6 @@ order) and a pooled vector ``[B, D]`` (mean of the ``K`` key tokens).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -40,9 +39,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from utils.metadata import is_missing
-
-logger = logging.getLogger(__name__)
+from utils.metadata import is_missing, parse_pathology
 
 #: Keys embedded after ``log1p`` by default: TR spans two decades (~40 to ~16000 ms), TE ~1.4 to ~130 ms and TI
 #: 100 to 2500 ms, so on a linear scale short-TE/short-TR sequences would be squashed into a sliver of ``[0, 1]``.
@@ -268,7 +265,12 @@ class MetadataConditionEmbedder(ModelMixin, ConfigMixin):
             else:
                 raise ValueError(f"stats[{key!r}] is neither a list nor a {{min, max}} dict: {entry!r}")
         return cls(
-            key_order=keys, categorical=categorical, multi_label=multi_label, numerical=numerical, embed_dim=embed_dim, **kwargs
+            key_order=keys,
+            categorical=categorical,
+            multi_label=multi_label,
+            numerical=numerical,
+            embed_dim=embed_dim,
+            **kwargs,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -319,12 +321,16 @@ class MetadataConditionEmbedder(ModelMixin, ConfigMixin):
                 missing[i] = True
                 continue
             x = min(max(x, lo), hi)
-            a, b, v = (math.log1p(max(lo, 0.0)), math.log1p(max(hi, 0.0)), math.log1p(max(x, 0.0))) if use_log else (lo, hi, x)
+            a, b, v = (lo, hi, x)
+            if use_log:
+                a, b, v = (math.log1p(max(t, 0.0)) for t in (lo, hi, x))
             # A degenerate range (min == max, e.g. a single-protocol stats file) carries no information: u = 0.5.
             u[i] = 0.5 if b <= a else (v - a) / (b - a)
         return u, missing
 
-    def _embed_key(self, key: str, values: Sequence[Any], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed_key(
+        self, key: str, values: Sequence[Any], device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm token ``[B, D]`` of one key and its ``missing`` mask ``[B]`` (where the empty vector goes)."""
         name = _module_name(key)
         kind = self.kinds[key]
@@ -357,8 +363,8 @@ class MetadataConditionEmbedder(ModelMixin, ConfigMixin):
                 if value is None or (isinstance(value, float) and math.isnan(value)):
                     missing[i] = True
                     continue
-                labels = [value] if isinstance(value, str) else list(value)
-                labels = [str(v).strip() for v in labels if not _is_missing(v)]
+                # A CSV cell ("a, b") is split like utils.metadata does; lists/tuples are taken as they are.
+                labels = parse_pathology(value if isinstance(value, str) else list(value))
                 if not labels:
                     weights[i, none_row] = 1.0
                     continue

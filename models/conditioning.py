@@ -129,7 +129,9 @@ class ConditionBuilder(nn.Module):
         """Alias of :meth:`build`."""
         return self.build(records, prompts, drop_all=drop_all, drop_keys=drop_keys, generator=generator)
 
-    def unconditional(self, records: Sequence[Mapping[str, Any]] | None = None, batch_size: int | None = None) -> torch.Tensor:
+    def unconditional(
+        self, records: Sequence[Mapping[str, Any]] | None = None, batch_size: int | None = None
+    ) -> torch.Tensor:
         """The classifier-free-guidance null condition ``[B, L, D]`` (empty prompt, every metadata key dropped)."""
         if records is None:
             if batch_size is None:

@@ -68,7 +68,9 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path, adapter_name: s
     return directory / LORA_WEIGHT_NAME
 
 
-def load_lora(unet: UNet2DConditionModel, directory_or_file: str | Path, adapter_name: str = "default") -> UNet2DConditionModel:
+def load_lora(
+    unet: UNet2DConditionModel, directory_or_file: str | Path, adapter_name: str = "default"
+) -> UNet2DConditionModel:
     """Load an adapter written by :func:`save_lora` into ``unet`` (a base UNet without that adapter).
 
     Accepts the directory or the ``.safetensors`` file. The rank/alpha/targets come from the file's metadata.
@@ -76,7 +78,9 @@ def load_lora(unet: UNet2DConditionModel, directory_or_file: str | Path, adapter
     path = Path(directory_or_file)
     directory, weight_name = (path.parent, path.name) if path.is_file() else (path, LORA_WEIGHT_NAME)
     # save_lora_adapter writes keys without a "unet." prefix, hence prefix=None.
-    unet.load_lora_adapter(directory, prefix=None, weight_name=weight_name, adapter_name=adapter_name, local_files_only=True)
+    unet.load_lora_adapter(
+        directory, prefix=None, weight_name=weight_name, adapter_name=adapter_name, local_files_only=True
+    )
     return unet
 
 

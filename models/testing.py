@@ -21,12 +21,14 @@ from models.unet import build_unet
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
-_PROMPT_WORDS = ("knee", "brain", "heart", "slice", "pdfs", "pd", "flair", "t1", "t2", "sequence", "pathology", "tr", "te", "ti")
+_PROMPT_WORDS = (
+    "knee", "brain", "heart", "slice", "pdfs", "pd", "flair", "t1", "t2", "sequence", "pathology", "tr", "te", "ti",
+)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -104,7 +106,8 @@ def tiny_t5_tokenizer():
 
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + ",.:-_()/"]
-    pieces += [("▁" + w, -3.0) for w in ("knee", "brain", "Slice", "Sequence", "Pathology", "TR", "TE", "TI", "PDFS", "FLAIR")]
+    words = ("knee", "brain", "Slice", "Sequence", "Pathology", "TR", "TE", "TI", "PDFS", "FLAIR")
+    pieces += [("▁" + w, -3.0) for w in words]
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 

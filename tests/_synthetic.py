@@ -24,3 +24,13 @@ def generate_fastmri(output_dir: Path, num_volumes: int = 2, num_slices: int = 3
         lesion_prob=1.0,
     )
     return generate_fastmri_dataset(cfg, log=None)
+
+
+def generate_cmrx(output_dir: Path, layout: str, seed: int = 0) -> None:
+    """Simulated CMRxRecon cine (one subject: 2 SAX slices, 1 LAX slice, 3 frames, 64x32, 10 coils, R=4)."""
+    from utils.simulation.cmrx_writer import CMRxConfig, generate_cmrx_dataset
+
+    cfg = CMRxConfig(output_dir=output_dir, layout=layout, num_volumes=1, num_slices_sax=2, num_slices_lax=1,
+                     num_frames=3, matrix=(64, 32), seed=seed, accelerations=(4,),
+                     task2_patterns=("ktGaussian",))  # fmt: skip
+    generate_cmrx_dataset(cfg, log=None)

@@ -214,6 +214,23 @@ def test_dds_per_sample_generators_make_slices_independent_of_the_batch():
         dds_sample(eps_fn, op, y, ACP, num_steps=2, generators=make_generators([0]))
 
 
+def test_generator_modes_and_explicit_timesteps():
+    op, y, _ = _problem(b=2, seed=6)
+    eps_fn = gaussian_prior_eps_fn()
+    shared = [dds_sample(eps_fn, op, y, ACP, num_steps=3, generators=torch.Generator().manual_seed(7)) for _ in "ab"]
+    torch.testing.assert_close(shared[0], shared[1], rtol=0, atol=0)  # one shared generator: reproducible
+    fresh = [dds_sample(eps_fn, op, y, ACP, num_steps=3) for _ in "ab"]  # OS-seeded: differs run to run
+    assert bool(torch.isfinite(torch.view_as_real(fresh[0])).all()) and not torch.equal(fresh[0], fresh[1])
+    state = torch.random.get_rng_state()
+    steps = []
+    dds_sample(eps_fn, op, y, SCHEDULE, timesteps=[900, 500, 10], generators=make_generators([0, 1]),
+               callback=lambda i, t, x_t, x0_hat: steps.append(t))
+    assert steps == [900, 500, 10]
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is never touched
+    with pytest.raises(ValueError):
+        dds_sample(eps_fn, op, y, ACP, timesteps=[10, 500])
+
+
 def test_dds_keeps_data_consistency_in_fp32_under_bf16_autocast():
     _, _, x0 = _problem(b=2, seed=3)
     op = SenseOperator.single_coil(_line_mask(16, torch.Generator().manual_seed(3)), (2, 16, 16))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from models.condition_embedder import MetadataConditionEmbedder
 from models.conditioning import ConditionBuilder
 from models.testing import tiny_clip_text_model, write_tiny_clip_tokenizer, write_tiny_t5_folder
-from models.text_encoders import TextConditioner, load_text_conditioner
+from models.text_encoders import load_text_conditioner
 
 D = 32
 PROMPT = "knee, Slice 20, PDFS, Sequence: TurboSpinEcho, TR: 3120, TE: 33, TI: 100, Flip angle: 140"
@@ -152,4 +150,3 @@ def test_builder_rejects_mismatched_widths(conditioners, test_data_dir):
     meta = MetadataConditionEmbedder.from_stats(test_data_dir / "metadata_stats_brain_knee.json", 16)
     with pytest.raises(ValueError):
         ConditionBuilder(conditioners["clip"], meta)
-    assert json.loads((test_data_dir / "metadata_stats_brain_knee.json").read_text())  # fixture sanity

@@ -90,7 +90,8 @@ def test_fake_released_checkpoint_loads_and_runs_with_metadata_tokens(tmp_path, 
         eps = ckpt.unet(x, t, encoder_hidden_states=cond).sample
         eps_text_only = ckpt.unet(x, t, encoder_hidden_states=cond[:, :77]).sample
         cond2, uncond = builder.build_cfg_pair([RECORD, RECORD])
-        eps_cfg = ckpt.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond2])).sample
+        both = torch.cat([uncond, cond2])
+        eps_cfg = ckpt.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=both).sample
     assert eps.shape == x.shape and torch.isfinite(eps).all()
     assert not torch.allclose(eps, eps_text_only)  # the appended metadata tokens matter
     assert eps_cfg.shape == (4, 2, 16, 16)
@@ -135,8 +136,7 @@ def test_lora_wraps_condition_projections_and_freezes_base(tiny_unet):
     tokens = meta([{"TE": 33.0, "anatomy": "knee"}]).tokens
     loss = tiny_unet(x, t, encoder_hidden_states=torch.cat([cond, tokens], dim=1)).sample.square().mean()
     loss.backward()
-    assert all(p.grad is not None for p in params if p.requires_grad and p.dim() > 0 and "lora_A" not in str(p))
-    assert meta.empty.grad is not None or meta.mlps["k_TE"][0].weight.grad is not None
+    assert all(p.grad is not None for p in params)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in tiny_unet.named_parameters() if "lora_B" in n)
 
 

@@ -251,7 +251,8 @@ def find_cmrx_series(input_dir: str | Path, sets: tuple[str, ...] | None = None)
                 mpath = None
         info_path = _find_info_csv(path, patient, stem)
         info = read_info_csv(info_path) if info_path is not None else {}
-        series.append(CMRxSeries(f"{patient}_{stem}", patient, stem, path, variable, fully, mpath, mvar, info, set_name))
+        name = f"{patient}_{stem}"
+        series.append(CMRxSeries(name, patient, stem, path, variable, fully, mpath, mvar, info, set_name))
     # The same patient id in two sets/releases is two subjects: keep names unique and deterministic.
     seen: dict[str, int] = {}
     for s in series:

@@ -165,11 +165,19 @@ def _espirit_gram_kernel(kspace: np.ndarray, calib_width: int, thresh: float, ke
     # Calibration (Hankel) matrix, rows = kernel positions, columns = (coil, ky, kx): sigpy's array_to_blocks order.
     blocks = np.lib.stride_tricks.sliding_window_view(calib, (kw, kw), axis=(1, 2))  # [C, by, bx, kw, kw]
     mat = blocks.reshape(num_coils, -1, kw * kw).transpose(1, 0, 2).reshape(-1, num_coils * kw * kw)
-    # Right singular vectors of the calibration matrix from the (small) Gram matrix: σ² = eigenvalues of matᴴmat.
-    # Same subspace as sigpy's SVD, a fraction of the cost; the threshold compares σ, i.e. sqrt of the eigenvalues.
-    evals, evecs = np.linalg.eigh(mat.conj().T @ mat)
-    sv = np.sqrt(np.clip(evals, 0, None))
-    vh = evecs[:, sv > thresh * sv.max()].conj().T
+    # Right singular vectors of the calibration matrix from the smaller of its two Gram matrices (σ² = eigenvalues):
+    # the same subspace as sigpy's SVD at a fraction of the cost. torch's eigh: numpy's threaded LAPACK collapses when
+    # the cores are shared. The threshold compares σ, i.e. the square roots of the eigenvalues.
+    mat_t = torch.from_numpy(np.ascontiguousarray(mat))
+    if mat.shape[0] < mat.shape[1]:
+        evals, u = torch.linalg.eigh(mat_t @ mat_t.conj().T)
+        sv = evals.clamp_min(0).sqrt()
+        keep = sv > thresh * sv.max()
+        vh = ((u[:, keep].conj().T @ mat_t) / sv[keep, None]).resolve_conj().numpy()
+    else:
+        evals, v = torch.linalg.eigh(mat_t.conj().T @ mat_t)
+        sv = evals.clamp_min(0).sqrt()
+        vh = v[:, sv > thresh * sv.max()].conj().T.resolve_conj().numpy()
     # P[(i,p,q), (j,p2,q2)] = Σ_k V_k(i,p,q) conj(V_k(j,p2,q2)); G_ij(d) sums P over index pairs with (p,q)-(p2,q2) = d.
     gram = (vh.T @ vh.conj()).reshape(num_coils, kw, kw, num_coils, kw, kw)
     g = np.zeros((num_coils, num_coils, 2 * kw - 1, 2 * kw - 1), dtype=np.complex128)

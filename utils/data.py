@@ -185,7 +185,9 @@ class MRISliceDataset(Dataset):
                 where = f"{Path(csv_path).name} row {row_no + 2}"
                 record = record_from_row(row)
                 anatomy, filename = record.get("anatomy"), record.get("filename")
-                idx_value = record.get("file_index") or record.get("slice")
+                idx_value = record.get("file_index")
+                if idx_value is None:
+                    idx_value = record.get("slice")
                 try:
                     idx = int(float(idx_value))
                 except (TypeError, ValueError):
@@ -204,7 +206,8 @@ class MRISliceDataset(Dataset):
                     continue
                 items.append(item)
         if problems:
-            shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            shown = "\n  ".join(problems[:10]) + more
             if on_missing == "error":
                 raise FileNotFoundError(f"{len(problems)} metadata row(s) have no usable slice:\n  {shown}")
             warnings.warn(f"skipping {len(problems)} metadata row(s) without a usable slice:\n  {shown}", stacklevel=2)

@@ -232,7 +232,7 @@ def _poisson_disc(
     Uses sigpy's Bridson sampler (``sigpy.mri.samp._poisson``, numba) with sigpy's density law: disc radius
     ``∝ 1 + slope·r`` with ``r`` the normalised distance outside the calibration square, corners (``r >= 1``)
     cropped. ``sigpy.mri.poisson`` itself bisects the slope in an unbounded float loop that can spin forever for
-    some seeds; here the bisection is capped, the densest mask with at least the target count is kept, and surplus
+    some seeds; here the search is capped, the sparsest mask with at least the target count is kept, and surplus
     outer points are removed at random (removing points keeps the minimum-distance property).
     """
     from sigpy.mri.samp import _poisson  # local import: numba compilation only when this family is used
@@ -249,9 +249,10 @@ def _poisson_disc(
     big = max(h, w)
 
     best, best_n, densest, densest_n = None, None, None, -1
-    lo, hi = 0.0, float(big)
-    for _ in range(_POISSON_MAX_BISECTIONS):
-        slope = 0.5 * (lo + hi)
+    # Bracket the slope by doubling from 1, then bisect. Starting small matters: a steep slope makes discs of
+    # hundreds of pixels near the edge, and Bridson's neighbourhood scan is quadratic in the disc radius.
+    lo, hi, slope = 0.0, None, 1.0
+    for _ in range(_POISSON_MAX_STEPS):
         radius_x = np.clip((1 + r * slope) * w / big, 1, None)
         radius_y = np.clip((1 + r * slope) * h / big, 1, None)
         m = _poisson(w, h, _POISSON_MAX_ATTEMPTS, radius_x, radius_y, calib, sub_seed)
@@ -261,12 +262,13 @@ def _poisson_disc(
             densest, densest_n = m, n
         if n >= target and (best_n is None or n < best_n):
             best, best_n = m, n
-        if n == target:
-            break
+        if target <= n <= target + _POISSON_SURPLUS * target:
+            break  # close enough: the few surplus points are trimmed below
         if n > target:
             lo = slope  # too many samples: make discs grow faster with radius
         else:
             hi = slope
+        slope = 2.0 * slope if hi is None else 0.5 * (lo + hi)
     if best is None:  # target unreachable (acc close to 1 with cropped corners): keep the densest pattern
         return densest.astype(np.float32)
     surplus = best_n - target
@@ -276,8 +278,9 @@ def _poisson_disc(
     return best.astype(np.float32)
 
 
-_POISSON_MAX_BISECTIONS = 30
+_POISSON_MAX_STEPS = 40
 _POISSON_MAX_ATTEMPTS = 30
+_POISSON_SURPLUS = 0.02  # stop searching once the count overshoots the target by at most 2 %
 
 
 def _require_integer_rate(kind: str, acc: float) -> int:

@@ -23,10 +23,11 @@ EXTRA_COLUMNS = [
     "field_strength", "vendor", "scanner_model", "protocol_name", "num_coils", "matrix_x", "matrix_y", "fov_x", "fov_y",
 ]
 CARDIAC_COLUMNS = ["view", "frame"]
+#: Cardiac CSVs we write end with ``file_index`` (= slice * num_frames + frame): the ``{idx:03d}.npy`` of the row.
 
 NUMERIC_COLUMNS = {
     "slice", "TR", "TE", "TI", "flip_angle", "field_strength", "num_coils", "matrix_x", "matrix_y", "fov_x", "fov_y",
-    "frame",
+    "frame", "file_index",
 }
 MULTI_LABEL_COLUMNS = {"pathology"}
 #: Strings that mean "no value" in the CSVs found in the wild.

@@ -376,7 +376,7 @@ class RunSummary:
         lines = [
             f"files: {self.files_ok}/{self.files_total} ok, {len(self.failed)} failed; slices: {self.slices_written} "
             f"written, {self.slices_skipped} already present; {self.seconds:.1f} s"
-            + (f" ({self.slices_written / self.seconds:.2f} slices/s)" if self.seconds > 0 and self.slices_written else "")
+            + (f" ({self.slices_written / self.seconds:.2f} slices/s)" if self.seconds and self.slices_written else "")
         ]
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  FAILED {name}: {err}" for name, err in self.failed]
@@ -421,9 +421,12 @@ def load_fastmri_plus(path: str | Path) -> dict[tuple[str, int], list[str]]:
     return dict(out)
 
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
 def _limit_threads() -> None:
     """One thread per worker: the parallelism is over files."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    for var in _THREAD_VARS:
         os.environ[var] = "1"
     import torch
 
@@ -469,9 +472,8 @@ def process_fastmri_file(
             )
             for idx in range(f.num_slices):
                 labels = (pathology or {}).get((stem, idx), [])
-                report.rows.append(
-                    {"anatomy": anatomy, "filename": stem, "slice": idx, "contrast": contrast, "pathology": labels, **meta}
-                )
+                row = {"anatomy": anatomy, "filename": stem, "slice": idx, "contrast": contrast, "pathology": labels}
+                report.rows.append({**row, **meta})
     except Exception as exc:  # a corrupt/truncated file must not stop the run
         report.rows = []
         report.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -503,14 +505,26 @@ def run_in_pool(
         # OpenMP/torch threads already ran is unsafe; spawn would import torch once per worker).
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["utils.preprocessing", "utils.fastmri_io"])
-        with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_limit_threads) as pool:
-            futures: dict[Future, str] = {pool.submit(fn, *args): name for name, fn, args in jobs}
-            for fut in as_completed(futures):
-                try:
-                    reports.append(fut.result())
-                except Exception as exc:  # BrokenProcessPool and the like
-                    reports.append(FileReport(name=futures[fut], error=f"worker failed: {type(exc).__name__}: {exc}"))
-                bar.update(1)
+        # The server inherits the environment when it starts (at the first submit): one BLAS/OpenMP thread, fixed at
+        # library load time.
+        saved = {v: os.environ.get(v) for v in _THREAD_VARS}
+        os.environ.update({v: "1" for v in _THREAD_VARS})
+        try:
+            with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_limit_threads) as pool:
+                futures: dict[Future, str] = {pool.submit(fn, *args): name for name, fn, args in jobs}
+                for fut in as_completed(futures):
+                    try:
+                        reports.append(fut.result())
+                    except Exception as exc:  # BrokenProcessPool and the like
+                        err = f"worker failed: {type(exc).__name__}: {exc}"
+                        reports.append(FileReport(name=futures[fut], error=err))
+                    bar.update(1)
+        finally:
+            for var, value in saved.items():
+                if value is None:
+                    os.environ.pop(var, None)
+                else:
+                    os.environ[var] = value
     bar.close()
     return reports
 

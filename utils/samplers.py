@@ -279,17 +279,19 @@ def _ddim_coefficients(a_t: float, a_prev: float, eta: float) -> tuple[float, fl
 # Samplers
 #
 # Notation: variable -> paper symbol (Eq. n)
-#   x          -> x_t, the noisy complex image at timestep t (DDIM, Song et al. 2021, Eq. 12)
-#   eps        -> ε_θ(x_t, t, c), the network's noise prediction (complex; channels only at the network boundary)
-#   a_t, a_prev-> ᾱ_t, ᾱ_{t−1} ("α_t", "α_{t−1}" in the DDIM paper); ᾱ_{t−1} := 1 after the last step
-#   x0_hat     -> x̂₀ = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t, Tweedie's denoised estimate (DDIM Eq. 9; DPS Eq. 10)
-#   x0_dc      -> x̂₀ after data consistency: argmin_x ‖x − x̂₀‖² + γ‖Ax − y‖², i.e. (I + γAᴴA) x = x̂₀ + γAᴴy solved
-#                 by `cg_iter` CG steps started at x̂₀ (DDS, Chung, Lee & Ye, ICLR 2024, Sec. 3 / Algorithm 1)
-#   c1         -> σ_t(η) = η √((1 − ᾱ_t/ᾱ_{t−1})(1 − ᾱ_{t−1})/(1 − ᾱ_t)) (DDIM Eq. 16)
-#   c2         -> √(1 − ᾱ_{t−1} − σ_t²), the "direction pointing to x_t" (DDIM Eq. 12)
-#   z          -> ε_t ~ N(0, I) per real channel, fresh noise (DDIM Eq. 12)
-#   A, y       -> SENSE forward model M ⊙ F(S ⊙ ·) and measured k-space
-#   step_size  -> ζ' in DPS's ζ_i = ζ'/‖y − A x̂₀‖ (DPS, Chung et al., ICLR 2023, Algorithm 1 and App. C)
+#   x           -> x_t, the noisy complex image at timestep t (DDIM, Song, Meng & Ermon, ICLR 2021, Eq. 12)
+#   eps         -> ε_θ(x_t, t, c), the network's noise prediction (complex; channels only at the network boundary)
+#   a_t, a_prev -> ᾱ_t, ᾱ_{t−1} (written α_t, α_{t−1} in DDIM); "t−1" is the next timestep of the sampling
+#                  sequence, and ᾱ_{t−1} := 1 after the last one
+#   x0_hat      -> x̂₀ = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t, Tweedie's denoised estimate (DDIM Eq. 9); in DDS it is then
+#                  replaced by its data-consistent version argmin_x ‖x − x̂₀‖² + γ‖Ax − y‖², i.e. the solution of
+#                  (I + γAᴴA) x = x̂₀ + γAᴴy by `cg_iter` CG steps started at x̂₀ (DDS, Chung, Lee & Ye, ICLR 2024,
+#                  Sec. 3, Algorithm "DDS"; CG from x̂₀ keeps the update in the tangent space at x̂₀)
+#   c1          -> σ_t(η) = η √((1 − ᾱ_t/ᾱ_{t−1})(1 − ᾱ_{t−1})/(1 − ᾱ_t)) (DDIM Eq. 16)
+#   c2          -> √(1 − ᾱ_{t−1} − σ_t²), the "direction pointing to x_t" (DDIM Eq. 12)
+#   z           -> ε_t ~ N(0, I) per real channel, fresh noise (DDIM Eq. 12)
+#   A, y        -> SENSE forward model M ⊙ F(S ⊙ ·) and measured k-space
+#   step_size   -> ζ' of DPS's normalised step ζ_i = ζ'/‖y − A x̂₀‖ (DPS, Chung et al., ICLR 2023, Algorithm 1)
 
 
 def dds_sample(

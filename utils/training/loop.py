@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -160,6 +161,19 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, state: Traini
 # main entry
 # ---------------------------------------------------------------------------------------------------------------------
 
+def _distributed_cpu_launch() -> bool:
+    """True for a multi-process launch (``accelerate launch --multi_gpu``/``torchrun``) on a machine without GPUs.
+
+    accelerate only sets up gloo DDP on CPU when asked with ``cpu=True``; without it every process silently trains
+    alone as rank 0.
+    """
+    from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    return not (torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available())
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     project = ProjectConfiguration(project_dir=config.output_dir,
                                    logging_dir=str(Path(config.output_dir) / config.logging_dir))
@@ -168,7 +182,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     report_to = None if config.report_to in ("none", "", None) else config.report_to
     return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
                        mixed_precision=config.mixed_precision, log_with=report_to, project_config=project,
-                       kwargs_handlers=[ddp])
+                       kwargs_handlers=[ddp], cpu=_distributed_cpu_launch())
 
 
 def _tracker_config(config: TrainConfig) -> dict:
