@@ -30,6 +30,8 @@ class ConditionBuilder(nn.Module):
         text: a :class:`TextConditioner` or ``None`` (a ``"none"`` conditioner counts as ``None``).
         metadata: a :class:`MetadataConditionEmbedder` or ``None``.
         prompt_drop_prob: probability of replacing a prompt by ``""`` in training mode.
+        null_dim: with neither text nor metadata (an *unconditional* model), the width ``D`` of the single constant
+            all-zero token the UNet receives (its ``encoder_hid_dim``).
     """
 
     def __init__(
@@ -37,12 +39,14 @@ class ConditionBuilder(nn.Module):
         text: TextConditioner | None,
         metadata: MetadataConditionEmbedder | None,
         prompt_drop_prob: float = 0.0,
+        null_dim: int | None = None,
     ) -> None:
         super().__init__()
         if text is not None and text.kind == "none":
             text = None
-        if text is None and metadata is None:
-            raise ValueError("ConditionBuilder needs a text encoder, a metadata embedder, or both")
+        if text is None and metadata is None and null_dim is None:
+            raise ValueError("ConditionBuilder needs a text encoder, a metadata embedder, or null_dim (unconditional)")
+        self.null_dim = null_dim
         if text is not None and metadata is not None and text.out_dim != metadata.embed_dim:
             raise ValueError(f"text width {text.out_dim} != metadata width {metadata.embed_dim}")
         if not 0.0 <= prompt_drop_prob <= 1.0:
@@ -54,13 +58,20 @@ class ConditionBuilder(nn.Module):
     @property
     def out_dim(self) -> int:
         """Token width ``D``."""
-        return self.text.out_dim if self.text is not None else self.metadata.embed_dim
+        if self.text is not None:
+            return self.text.out_dim
+        return self.metadata.embed_dim if self.metadata is not None else int(self.null_dim)
+
+    @property
+    def is_unconditional(self) -> bool:
+        """True when the model sees no condition at all (one constant zero token)."""
+        return self.text is None and self.metadata is None
 
     def num_tokens(self) -> int:
         """``L``: text tokens plus metadata tokens per sample."""
         n_text = self.text.max_length if self.text is not None else 0
         n_meta = self.metadata.num_tokens if self.metadata is not None else 0
-        return n_text + n_meta
+        return n_text + n_meta if not self.is_unconditional else 1
 
     def _prompts(self, records: Sequence[Mapping[str, Any]] | None, prompts: Sequence[str] | None) -> list[str]:
         if prompts is not None:
@@ -95,6 +106,8 @@ class ConditionBuilder(nn.Module):
         batch = len(records) if records is not None else len(prompts or [])
         if batch == 0:
             raise ValueError("empty batch")
+        if self.is_unconditional:
+            return torch.zeros(batch, 1, self.out_dim)
         parts: list[torch.Tensor] = []
         meta = None
         if self.metadata is not None:

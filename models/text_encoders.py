@@ -31,6 +31,8 @@ class TextConditioner(nn.Module):
         tokenizer: the matching tokenizer (``None`` for ``"none"``).
         out_dim: token width ``D`` (the UNet's ``encoder_hid_dim``).
         max_length: tokens per prompt ``L``.
+        trainable_encoder: train the encoder too (for a text baseline whose encoder starts from scratch because no
+            pretrained weights exist offline); by default it is frozen as in ContextMRI.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class TextConditioner(nn.Module):
         tokenizer: object | None,
         out_dim: int,
         max_length: int = 77,
+        trainable_encoder: bool = False,
     ) -> None:
         super().__init__()
         if kind not in TEXT_ENCODER_KINDS:
@@ -51,9 +54,10 @@ class TextConditioner(nn.Module):
         self.max_length = int(max_length)
         self.tokenizer = tokenizer
         self.encoder = encoder
+        self.trainable_encoder = bool(trainable_encoder) and encoder is not None
         if encoder is not None:
-            encoder.requires_grad_(False)
-            encoder.eval()
+            encoder.requires_grad_(self.trainable_encoder)
+            encoder.train(self.trainable_encoder and self.training)
             width = int(encoder.config.hidden_size if kind == "clip" else encoder.config.d_model)
         else:
             width = self.out_dim
@@ -61,9 +65,9 @@ class TextConditioner(nn.Module):
         self.proj: nn.Module = nn.Linear(width, self.out_dim) if width != self.out_dim else nn.Identity()
 
     def train(self, mode: bool = True) -> TextConditioner:
-        """Set training mode on the projection only: the frozen encoder stays in eval mode (no dropout)."""
+        """Set training mode; a frozen encoder stays in eval mode (no dropout)."""
         super().train(mode)
-        if self.encoder is not None:
+        if self.encoder is not None and not self.trainable_encoder:
             self.encoder.eval()
         return self
 
@@ -97,7 +101,7 @@ class TextConditioner(nn.Module):
         )
         input_ids = enc["input_ids"].to(self.device)
         attention_mask = enc["attention_mask"].to(self.device)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.trainable_encoder and torch.is_grad_enabled()):
             if self.kind == "clip":
                 # ContextMRI feeds the CLIP last hidden state without a mask (causal attention, EOS-padded).
                 hidden = self.encoder(input_ids=input_ids).last_hidden_state
@@ -114,8 +118,11 @@ class TextConditioner(nn.Module):
         return self.encode(prompts)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The projection's parameters (empty for the identity)."""
-        return list(self.proj.parameters())
+        """The projection's parameters (empty for the identity), plus the encoder's if it is trainable."""
+        params = list(self.proj.parameters())
+        if self.trainable_encoder:
+            params += list(self.encoder.parameters())
+        return params
 
 
 def _resolve_folders(path: Path, tokenizer_path: str | Path | None) -> tuple[Path, Path]:
@@ -139,8 +146,9 @@ def load_text_conditioner(
     out_dim: int = 768,
     max_length: int | None = None,
     torch_dtype: torch.dtype | None = None,
+    trainable_encoder: bool = False,
 ) -> TextConditioner:
-    """Load a frozen text encoder + tokenizer from local folders.
+    """Load a text encoder + tokenizer from local folders (frozen unless ``trainable_encoder``).
 
     Args:
         kind: ``"clip"``, ``"t5"`` or ``"none"``.
@@ -175,4 +183,4 @@ def load_text_conditioner(
         length = max_length or 77
     else:
         raise ValueError(f"text encoder kind must be one of {TEXT_ENCODER_KINDS}, got {kind!r}")
-    return TextConditioner(kind, encoder, tokenizer, out_dim, max_length=length)
+    return TextConditioner(kind, encoder, tokenizer, out_dim, max_length=length, trainable_encoder=trainable_encoder)

@@ -150,3 +150,25 @@ def test_builder_rejects_mismatched_widths(conditioners, test_data_dir):
     meta = MetadataConditionEmbedder.from_stats(test_data_dir / "metadata_stats_brain_knee.json", 16)
     with pytest.raises(ValueError):
         ConditionBuilder(conditioners["clip"], meta)
+
+
+def test_trainable_text_encoder_gets_gradients(folders):
+    """A text baseline trained from scratch: the encoder's weights receive gradients and change the tokens."""
+    text = load_text_conditioner("clip", folders["clip"], out_dim=32, trainable_encoder=True).train()
+    assert all(p.requires_grad for p in text.encoder.parameters())
+    assert text.encoder.training
+    tokens = text.encode(["brain, Slice 3, T2", "brain, Slice 3, FLAIR"])
+    tokens.square().mean().backward()
+    grads = [p.grad for p in text.encoder.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    frozen = load_text_conditioner("clip", folders["clip"], out_dim=32)
+    assert not any(p.requires_grad for p in frozen.encoder.parameters())
+
+
+def test_unconditional_builder_gives_one_constant_token():
+    builder = ConditionBuilder(None, None, null_dim=16)
+    out = builder.build([{}, {}, {}])
+    assert out.shape == (3, 1, 16) and float(out.abs().sum()) == 0.0
+    assert builder.num_tokens() == 1 and builder.is_unconditional
+    with pytest.raises(ValueError):
+        ConditionBuilder(None, None)
