@@ -11,7 +11,7 @@ from utils.samplers import DiffusionSchedule, SamplerStats, dds_sample, dps_samp
 
 
 class DiffusionReconstructor:
-    """Callable ``(y, op, records, prompts, generators) -> (samples [1, B, H, W], nfe)`` used by
+    """Callable ``(y, op, records, prompts, generators) -> (x [B, H, W] complex, nfe per sample)`` used by
     :func:`utils.reconstruction.run_reconstruction`.
 
     Args:
@@ -97,7 +97,7 @@ class DiffusionReconstructor:
                 eps_fn, op, y, self.schedule, num_steps=self.num_steps, step_size=self.dps_step,
                 generators=list(generators), stats=stats,
             )
-        return x.unsqueeze(0), stats.nfe
+        return x, stats.nfe
 
 
 def check_embedder_matches_stats(embedder: Any, stats_path: str | None) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from utils.masks import MaskResult, get_mask, seed_from_name
 from utils.operators import SenseOperator
+from utils.samplers import ensemble_stats
 
 
 @dataclass
@@ -164,8 +165,9 @@ def run_reconstruction(
             ``.filename``, ``.slice_idx``, ``.record``, ``.prompt`` (:class:`utils.data.MRISample`).
         settings: the run's settings.
         save_dir: root of the outputs.
-        diffusion: for ``method="diffusion"``, ``diffusion(y, op, records, prompts, generators) -> (samples, nfe)``
-            with ``samples`` complex ``[N, B, H, W]`` (see :class:`utils.diffusion_recon.DiffusionReconstructor`).
+        diffusion: for ``method="diffusion"``, ``diffusion(y, op, records, prompts, generators) -> (x, nfe)`` with
+            ``x`` complex ``[B, H, W]`` and ``nfe`` network evaluations per slice
+            (:class:`utils.diffusion_recon.DiffusionReconstructor`); called once per ensemble member.
         device: where the work runs.
         process_index, num_processes: this process takes items ``indices[process_index::num_processes]``.
         indices: dataset indices to run (default all).
@@ -250,9 +252,8 @@ def _reconstruct_group(group, settings, out, diffusion, device, channels_to_comp
             sample, n = diffusion(y, op, records, prompts, gens)
             samples.append(sample)
             nfe += n
-        stack = torch.stack(samples)  # [N, B, H, W]
-        recon = stack.mean(dim=0)
-        std = stack.abs().std(dim=0, unbiased=False) if settings.num_samples > 1 else torch.zeros_like(recon.real)
+        # Ensemble: the complex mean is scored; std = sqrt(mean |x_n - mean|^2) per pixel (zero for one sample).
+        recon, std = ensemble_stats(torch.stack(samples), std="complex")
     elapsed = (time.perf_counter() - t0) / len(group)
     for b, item in enumerate(group):
         rel = Path(item.filename) / f"{item.slice_idx:03d}"
