@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with w > 1, attributes the unconditional branch drops (default: all, empty prompt)")
     g.add_argument("--metadata_override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="replace metadata values (e.g. a mismatched contrast) to test metadata sensitivity")
+    g.add_argument("--mismatch_metadata", action="store_true",
+                   help="give every slice the protocol of another contrast (does the model use its metadata?)")
     g.add_argument("--num_samples", type=int, default=1, help="ensemble size (complex mean scored, std map saved)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch_size", type=int, default=1, help="slices per network forward")
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         center_fraction=args.center_fraction, num_steps=args.num_steps, eta=args.eta, gamma=args.gamma,
         cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale,
         drop_metadata_keys=list(args.drop_metadata_keys), uncond_drop_keys=args.uncond_drop_keys,
-        metadata_override=_overrides(args.metadata_override), num_samples=args.num_samples, seed=args.seed,
+        metadata_override=_overrides(args.metadata_override), mismatch_metadata=args.mismatch_metadata,
+        num_samples=args.num_samples, seed=args.seed,
         batch_size=args.batch_size, cs_lambda=args.cs_lambda, cs_iter=args.cs_iter, save_png=not args.no_png,
         tag=args.tag,
     )

@@ -206,3 +206,31 @@ def load_metadata_stats(path: str | Path) -> dict[str, Any]:
         if not ok:
             raise ValueError(f"{path}: key {key!r} must map to a vocabulary list or {{'min', 'max'}}, got {value!r}")
     return stats
+
+
+#: A typical fastMRI brain protocol per contrast (the most frequent tuple of the real validation metadata).
+TYPICAL_BRAIN_PROTOCOLS: dict[str, dict[str, Any]] = {
+    "T1": {"sequence": "TurboSpinEcho", "TR": 500.0, "TE": 9.0, "TI": 100.0, "flip_angle": 140.0},
+    "T1 pre-contrast": {"sequence": "Flash", "TR": 250.0, "TE": 2.0, "TI": 300.0, "flip_angle": 70.0},
+    "T1 post-contrast": {"sequence": "Flash", "TR": 250.0, "TE": 2.0, "TI": 300.0, "flip_angle": 70.0},
+    "T2": {"sequence": "TurboSpinEcho", "TR": 5120.0, "TE": 103.0, "TI": 100.0, "flip_angle": 150.0},
+    "FLAIR": {"sequence": "TurboSpinEcho", "TR": 9000.0, "TE": 81.0, "TI": 2500.0, "flip_angle": 150.0},
+}
+#: The contrast whose protocol most contradicts each contrast (T1-weighted <-> T2-weighted).
+_MISMATCH = {"T1": "T2", "T1 pre-contrast": "T2", "T1 post-contrast": "FLAIR", "T2": "T1", "FLAIR": "T1"}
+
+
+def mismatched_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record with contrast, sequence, TR, TE, TI and flip angle of a *different* contrast.
+
+    Used to test whether a model uses its metadata at all: a model that ignores it reconstructs the same image either
+    way. T1-weighted records get a T2 protocol and vice versa (FLAIR -> T1, T1 post-contrast -> FLAIR); other anatomies'
+    records (no brain contrast) are returned unchanged apart from a copied dict.
+    """
+    out = dict(record)
+    target = _MISMATCH.get(str(record.get("contrast")))
+    if target is None:
+        return out
+    out["contrast"] = target
+    out.update(TYPICAL_BRAIN_PROTOCOLS[target])
+    return out

@@ -49,7 +49,8 @@ class ReconSettings:
     guidance_scale: float = 1.0
     drop_metadata_keys: list[str] = field(default_factory=list)
     uncond_drop_keys: list[str] | None = None  # None: the unconditional branch drops every key
-    metadata_override: dict[str, Any] = field(default_factory=dict)  # e.g. mismatched metadata for sensitivity tests
+    metadata_override: dict[str, Any] = field(default_factory=dict)  # replace these values in every record
+    mismatch_metadata: bool = False  # give each slice the protocol of another contrast (metadata-sensitivity check)
     num_samples: int = 1
     seed: int = 0
     batch_size: int = 1
@@ -235,11 +236,13 @@ def _reconstruct_group(group, settings, out, diffusion, device, channels_to_comp
             cs_l1_wavelet(y[b], maps[b], mask[b, 0], settings.cs_lambda, settings.cs_iter) for b in range(len(group))
         ])
     else:
-        records = [dict(item.record, **settings.metadata_override) for item in group]
-        prompts = [item.prompt for item in group]
-        if settings.metadata_override:
-            from utils.metadata import build_prompt
+        from utils.metadata import build_prompt, mismatched_record
 
+        records = [dict(item.record, **settings.metadata_override) for item in group]
+        if settings.mismatch_metadata:
+            records = [mismatched_record(r) for r in records]
+        prompts = [item.prompt for item in group]
+        if settings.metadata_override or settings.mismatch_metadata:
             prompts = [build_prompt(r) for r in records]
         samples = []
         for k in range(settings.num_samples):

@@ -1,0 +1,79 @@
+"""Metadata records, the ContextMRI prompt and stats files, against the real fastMRI metadata."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from utils.metadata import (
+    build_prompt,
+    compute_metadata_stats,
+    load_metadata_stats,
+    load_records,
+    mismatched_record,
+    parse_pathology,
+    record_from_row,
+    save_metadata_stats,
+)
+
+
+def test_prompt_reproduces_the_released_example_prompts(test_data_dir):
+    """The prompt built from the real knee CSV row equals the prompt shipped with the real slice."""
+    knee = [r for r in load_records(test_data_dir / "metadata_val_knee.csv")
+            if r["filename"] == "file1001429" and r["slice"] == 20]
+    assert len(knee) == 1
+    assert build_prompt(knee[0]) == (test_data_dir / "prompt_knee_file1001429_020.txt").read_text().strip()
+    brain = record_from_row({"anatomy": "brain", "filename": "file_brain_AXT1_202_2020576", "slice": "8",
+                             "contrast": "T1", "pathology": "", "sequence": "TurboSpinEcho", "TR": "446", "TE": "9",
+                             "TI": "100", "flip_angle": "140"})
+    assert build_prompt(brain) == (test_data_dir / "prompt_brain_AXT1_202_2020576_008.txt").read_text().strip()
+
+
+def test_records_are_typed_and_missing_stays_missing():
+    rec = record_from_row({"anatomy": "knee", "filename": "f", "slice": "12", "contrast": "PDFS",
+                           "pathology": "Joint Effusion , Joint Effusion ", "sequence": "", "TR": "nan", "TE": "33",
+                           "TI": "", "flip_angle": "null"})
+    assert rec["slice_number"] == 12.0 and rec["TE"] == 33.0
+    assert rec["TR"] is None and rec["TI"] is None and rec["flip_angle"] is None and rec["sequence"] is None
+    assert rec["pathology"] == ["Joint Effusion", "Joint Effusion"]
+    prompt = build_prompt(rec)
+    assert "Pathology: 2 Joint Effusion" in prompt and "nan" not in prompt and "TR" not in prompt
+    assert build_prompt(rec, include_sequence=False) == "knee, Slice 12, PDFS, Pathology: 2 Joint Effusion"
+    assert parse_pathology(float("nan")) == [] and parse_pathology("null") == []
+
+
+def test_stats_schema_round_trip(tmp_path, test_data_dir):
+    records = load_records(test_data_dir / "metadata_val_knee.csv")
+    stats = compute_metadata_stats(records)
+    assert stats["contrast"] == ["PD", "PDFS"]
+    assert stats["TR"]["min"] <= 3120 <= stats["TR"]["max"]
+    assert "Joint Effusion" in stats["pathology"]
+    assert stats["field_strength"] == {"min": 0.0, "max": 0.0}  # not in the reference CSV: a slot, no invention
+    save_metadata_stats(stats, tmp_path / "s.json")
+    assert load_metadata_stats(tmp_path / "s.json") == json.loads(json.dumps(stats))
+    reference = load_metadata_stats(test_data_dir / "metadata_stats_brain_knee.json")
+    assert all(isinstance(v, list) or {"min", "max"} <= set(v) for v in reference.values())
+    (tmp_path / "bad.json").write_text(json.dumps({"TR": 5}))
+    with pytest.raises(ValueError, match="TR"):
+        load_metadata_stats(tmp_path / "bad.json")
+
+
+def test_mismatched_record_changes_the_protocol_only():
+    t2 = {"anatomy": "brain", "contrast": "T2", "sequence": "TurboSpinEcho", "TR": 5460.0, "TE": 102.0, "TI": 100.0,
+          "flip_angle": 150.0, "slice": 3.0, "pathology": []}
+    mis = mismatched_record(t2)
+    assert mis["contrast"] == "T1" and mis["TR"] < 1000 and mis["TE"] < 20
+    assert mis["slice"] == 3.0 and mis["anatomy"] == "brain" and t2["contrast"] == "T2"
+    assert mismatched_record({"contrast": "FLAIR"})["contrast"] == "T1"
+    knee = {"contrast": "PDFS", "TR": 3000.0}
+    assert mismatched_record(knee) == knee
+
+
+def test_real_knee_slice_is_percentile_normalised(test_data_dir):
+    """The released data layout: complex64 MVUE whose 99th percentile of |x| is exactly 1."""
+    x = np.load(test_data_dir / "knee_file1001429_020.npy")
+    assert x.dtype == np.complex64 and x.shape == (320, 320)
+    assert math.isclose(float(np.percentile(np.abs(x), 99)), 1.0, rel_tol=1e-3)
