@@ -187,3 +187,20 @@ def test_small_helpers(tmp_path):
     assert load_fastmri_plus(p) == {("file_a", 3): ["Nonspecific lesion", "Nonspecific lesion"]}
     with pytest.raises(ValueError):
         EspiritParams(backend="bart")
+
+
+@pytest.mark.parametrize("shape", [(63, 41), (64, 33)])
+def test_fast_espirit_odd_sizes(shape):
+    import sigpy.mri as mr
+
+    h, w = shape
+    rng = np.random.default_rng(0)
+    maps = mr.birdcage_maps((4, h, w)).astype(np.complex64)
+    yy, xx = np.mgrid[-1 : 1 : h * 1j, -1 : 1 : w * 1j]
+    img = ((yy / 0.6) ** 2 + (xx / 0.8) ** 2 < 1) * (1 + 0.3 * np.sin(5 * yy)) * np.exp(1j * xx)
+    k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(maps * img, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    k = (k + 1e-3 * (rng.standard_normal(k.shape) + 1j * rng.standard_normal(k.shape))).astype(np.complex64)
+    ref = espirit_maps(k, calib_width=16, kernel_width=5, max_iter=200)
+    fast = espirit_maps_fast(k, calib_width=16, kernel_width=5)
+    np.testing.assert_array_equal(np.abs(ref) > 0, np.abs(fast) > 0)
+    assert np.abs(ref - fast).max() < 1e-4

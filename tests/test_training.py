@@ -57,7 +57,8 @@ def _base_args(assets, out, *extra) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": pythonpath,
             "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -109,37 +110,38 @@ def test_train_mri_script_writes_checkpoints_and_loadable_model(assets, tmp_path
     cond = model.conditioner.build([{"anatomy": "brain", "contrast": "T1"}], ["brain, Slice 1, T1"])
     eps = make_cfg_eps_fn(model.unet, cond, None, 1.0)(torch.randn(1, 2, 32, 32), torch.tensor([500]))
     assert eps.shape == (1, 2, 32, 32) and torch.isfinite(eps).all()
-    # the snapshot holds the EMA weights of the last checkpointed... final step: compare with the EMA file at step 4
-    assert model.unet.config.sample_size == 32
 
 
 # -------------------------------------------------------------------------------------------------------------- resume
 def test_resume_reproduces_uninterrupted_run(assets, tmp_path, one_thread):
     extra = ["--mri_metadata_dir_knee", str(assets["csv"]["knee"]), "--enable_condition_emb", "--metadata_stats",
-             str(assets["root"] / "stats.json"), "--max_train_steps", "5", "--checkpointing_steps", "2",
+             str(assets["root"] / "stats.json"), "--max_train_steps", "6", "--checkpointing_steps", "3",
              "--use_ema", "--ema_decay", "0.9", "--lr_scheduler", "linear", "--lr_warmup_steps", "2",
              "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2", "--cfg_prob", "0.5"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     _train(_base_args(assets, full, *extra))
-    # 8 slices -> 4 batches/epoch -> 2 steps/epoch: checkpoint-2 ends epoch 0, checkpoint-4 ends epoch 1
+    # 8 slices -> 4 batches/epoch -> 2 steps/epoch: checkpoint-3 lies mid-epoch 1 (2 of its 4 batches consumed)
+    state = json.loads((full / "checkpoint-3" / "training_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)
     cut.mkdir()
-    shutil.copytree(full / "checkpoint-2", cut / "checkpoint-2")
+    shutil.copytree(full / "checkpoint-3", cut / "checkpoint-3")
     steps = []
     _train(_base_args(assets, cut, *extra, "--resume_from_checkpoint", "latest"),
            callback=lambda info: steps.append(info.global_step))
-    assert steps and min(steps) == 2  # continued, did not restart
-    for rel in ("checkpoint-4/trainable.safetensors", "checkpoint-4/ema.safetensors",
+    assert steps and min(steps) == 3 and len(steps) == 6  # continued mid-epoch: 3 steps x 2 micro-batches
+    for rel in ("checkpoint-6/trainable.safetensors", "checkpoint-6/ema.safetensors",
                 "unet/diffusion_pytorch_model.safetensors",
                 "condition_embedder/diffusion_pytorch_model.safetensors"):
         a, b = load_file(str(full / rel)), load_file(str(cut / rel))
         assert a.keys() == b.keys()
         worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
         assert worst <= 1e-6, (rel, worst)
-    opt_a = torch.load(full / "checkpoint-4" / "optimizer.bin", weights_only=True)
-    opt_b = torch.load(cut / "checkpoint-4" / "optimizer.bin", weights_only=True)
-    assert opt_a["state"][0]["step"] == opt_b["state"][0]["step"]
-    sched_a = torch.load(full / "checkpoint-4" / "scheduler.bin", weights_only=True)
-    sched_b = torch.load(cut / "checkpoint-4" / "scheduler.bin", weights_only=True)
+    opt_a = torch.load(full / "checkpoint-6" / "optimizer.bin", weights_only=True)
+    opt_b = torch.load(cut / "checkpoint-6" / "optimizer.bin", weights_only=True)
+    assert opt_a["state"][0]["step"] == opt_b["state"][0]["step"] == 6
+    assert torch.equal(opt_a["state"][0]["exp_avg_sq"], opt_b["state"][0]["exp_avg_sq"])
+    sched_a = torch.load(full / "checkpoint-6" / "scheduler.bin", weights_only=True)
+    sched_b = torch.load(cut / "checkpoint-6" / "scheduler.bin", weights_only=True)
     assert sched_a["last_epoch"] == sched_b["last_epoch"] and sched_a["_last_lr"] == sched_b["_last_lr"]
 
 
@@ -263,3 +265,24 @@ def test_two_process_cpu_ddp_smoke(assets, tmp_path):
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert (out / "unet" / "config.json").is_file()
     assert "2 optimiser steps" in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------- export/load round trip
+def test_t5_run_exports_what_load_trained_model_restores(assets, tmp_path, one_thread):
+    from models.testing import write_tiny_t5_folder
+    from utils.training.export import load_trained_model
+
+    t5 = write_tiny_t5_folder(tmp_path / "t5", d_model=48)  # width 48 != UNet's 32: a trained projection
+    out = tmp_path / "t5run"
+    argv = _base_args(assets, out, "--text_encoder_type", "t5", "--text_encoder_path", str(t5),
+                      "--gradient_checkpointing", "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine",
+                      "--max_train_steps", "2", "--checkpointing_steps", "2", "--learning_rate", "1e-2")
+    argv[argv.index("--pretrained_model_name_or_path"):argv.index("--pretrained_model_name_or_path") + 2] = [
+        "--unet_config", "tiny"]
+    _train(argv)
+    saved = load_file(str(out / "checkpoint-2" / "trainable.safetensors"))  # no EMA: final == step-2 weights
+    model = load_trained_model(out)
+    assert model.conditioner.metadata is None and model.conditioner.text.kind == "t5"
+    assert torch.equal(model.conditioner.text.proj.weight, saved["conditioner.text.proj.weight"])
+    unet_state = model.unet.state_dict()
+    assert all(torch.equal(unet_state[k[len("unet."):]], v) for k, v in saved.items() if k.startswith("unet."))

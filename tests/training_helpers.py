@@ -22,7 +22,8 @@ def _phantom(rng: np.random.Generator, size: int) -> np.ndarray:
     for _ in range(3):
         cy, cx = rng.uniform(-0.5, 0.5, 2)
         r = rng.uniform(0.2, 0.5)
-        img += rng.uniform(0.5, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r**2) * np.exp(1j * rng.uniform(0, 6))
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r**2)
+        img += rng.uniform(0.5, 1.0) * blob * np.exp(1j * rng.uniform(0, 6))
     img /= np.percentile(np.abs(img), 99)
     return img.astype(np.complex64)
 

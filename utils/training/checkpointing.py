@@ -31,11 +31,13 @@ class TrainingState:
         global_step: optimiser steps done.
         epoch: the epoch being consumed.
         batch_in_epoch: batches of ``epoch`` consumed (per process) when the checkpoint was written.
+        num_processes: processes of the run that wrote it (the data position is per process).
     """
 
     global_step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    num_processes: int = 1
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -126,4 +128,5 @@ def resolve_resume_checkpoint(output_dir: str | Path, resume_from: str | None) -
 
 def read_training_state(path: str | Path) -> TrainingState:
     raw = json.loads((Path(path) / STATE_FILE).read_text())
-    return TrainingState(**{k: int(raw[k]) for k in ("global_step", "epoch", "batch_in_epoch") if k in raw})
+    return TrainingState(**{k: int(raw[k]) for k in ("global_step", "epoch", "batch_in_epoch", "num_processes")
+                           if k in raw})

@@ -39,12 +39,15 @@ class TrainConfig:
     text_encoder_type: str = _opt("clip", "Text encoder of the prompt (frozen); 'none' = metadata tokens only.",
                                   ("clip", "t5", "none"), group="model")
     text_encoder_path: str | None = _opt(
-        None, "Folder with the text encoder (and tokenizer); default: the released folder's text_encoder/ + tokenizer/.",
+        None, "Folder with the text encoder (and tokenizer); default: the released folder's text_encoder/ + "
+        "tokenizer/.",
         group="model")
     enable_condition_emb: bool = _opt(False, "Append typed metadata tokens (Metadata Matters) after the text tokens.",
                                       group="model")
     metadata_stats: str | None = _opt(None, "metadata_stats.json for the condition embedder (needed with "
                                       "--enable_condition_emb).", group="model")
+    allow_unknown_metadata: bool = _opt(False, "Only warn (instead of stopping) when the training CSVs hold metadata "
+                                        "values or columns that --metadata_stats does not cover.", group="model")
     use_lora: bool = _opt(False, "Train LoRA adapters instead of the full UNet.", group="model")
     lora_rank: int = _opt(4, "LoRA rank.", group="model")
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank, i.e. scale 1).", group="model")
@@ -73,8 +76,8 @@ class TrainConfig:
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon.", group="optim")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).", group="optim")
     gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimiser step.", group="optim")
-    mixed_precision: str | None = _opt(None, "Autocast precision; default: accelerate's config.", ("no", "fp16", "bf16"),
-                                       group="optim")
+    mixed_precision: str | None = _opt(None, "Autocast precision; default: accelerate's config.",
+                                       ("no", "fp16", "bf16"), group="optim")
     seed: int = _opt(42, "Seed of model init, data order, noise and timesteps.", group="optim")
     max_train_steps: int | None = _opt(None, "Optimiser steps to run (overrides --num_train_epochs).", group="optim")
     num_train_epochs: int = _opt(100, "Epochs to run when --max_train_steps is not given.", group="optim")
@@ -96,8 +99,8 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint-{step} folder to continue from.",
                                               group="run")
     validation_steps: int = _opt(0, "Reconstruct validation slices every N optimiser steps (0 = off).", group="run")
-    validation_metadata_brain: str | None = _opt(None, "Brain validation CSV (default: {data_root}/metadata_brain_val.csv"
-                                                 " when validating).", group="run")
+    validation_metadata_brain: str | None = _opt(None, "Brain validation CSV (default: "
+                                                 "{data_root}/metadata_brain_val.csv when validating).", group="run")
     validation_metadata_knee: str | None = _opt(None, "Knee validation CSV (default: {data_root}/metadata_knee_val.csv "
                                                 "when validating).", group="run")
     num_validation_slices: int = _opt(4, "Validation slices reconstructed each time.", group="run")
@@ -171,7 +174,8 @@ _GROUP_TITLES = {"model": "model", "data": "data", "optim": "optimisation", "run
                  "ood": "out-of-distribution (cardiac)"}
 
 
-def build_parser(config_cls: type[TrainConfig] = TrainConfig, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(config_cls: type[TrainConfig] = TrainConfig,
+                 description: str | None = None) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with one ``--flag`` per field of ``config_cls``."""
     parser = argparse.ArgumentParser(description=description or config_cls.__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -104,13 +104,18 @@ def _make_dataset(root: str, csv: str, split: str, resolution: int, load_maps: b
     return ds
 
 
-def check_stats_cover(stats: Mapping[str, Any], csvs: Mapping[str, str]) -> None:
+def check_stats_cover(stats: Mapping[str, Any], csvs: Mapping[str, str], warn_only: bool = False) -> None:
     """Check that ``metadata_stats.json`` can embed the training metadata.
 
     * every stats key must be a column of some training CSV (``slice_number`` is ``slice``), else the embedder would
       see only "missing" for it;
     * every categorical value / pathology label in the CSVs must be in the key's vocabulary, else it would be
       silently embedded as "missing".
+
+    Args:
+        stats: the loaded stats.
+        csvs: flag -> training CSV path.
+        warn_only: log the problems instead of raising (``--allow_unknown_metadata``).
 
     Raises:
         ConfigError: listing every problem.
@@ -139,9 +144,13 @@ def check_stats_cover(stats: Mapping[str, Any], csvs: Mapping[str, str]) -> None
         if unknown:
             shown = ", ".join(f"{v!r} ({n} rows)" for v, n in sorted(unknown.items())[:8])
             problems.append(f"stats key {key!r} does not cover value(s) {shown}{' ...' if len(unknown) > 8 else ''}")
-    if problems:
+    if problems and warn_only:
+        logger.warning("--metadata_stats does not cover the training metadata (embedded as 'missing'):\n  - %s",
+                       "\n  - ".join(problems))
+    elif problems:
         raise ConfigError("--metadata_stats does not match the training metadata (regenerate it from the training "
-                          "CSVs with utils.metadata.compute_metadata_stats):\n  - " + "\n  - ".join(problems))
+                          "CSVs with make_metadata_stats.py, or pass --allow_unknown_metadata):\n  - "
+                          + "\n  - ".join(problems))
 
 
 @dataclass
@@ -183,7 +192,7 @@ def build_training_data(config: TrainConfig, stats: Mapping[str, Any] | None = N
         ood_sources.append(len(datasets) - 1)
         csv_flags[flag] = config.mri_metadata_dir_cardio
     if stats is not None:
-        check_stats_cover(stats, csv_flags)
+        check_stats_cover(stats, csv_flags, warn_only=config.allow_unknown_metadata)
 
     validation_items = []
     if config.validation_steps > 0:

@@ -10,6 +10,7 @@ A resumed run therefore repeats the uninterrupted run exactly, whatever the glob
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -106,7 +107,8 @@ def _register_state_hooks(accelerator: Accelerator, model: ConditionedDenoiser, 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             params = dict(model.trainable_named_parameters())
-            save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(Path(output_dir) / TRAINABLE_WEIGHTS))
+            save_file({n: params[n].detach().cpu().contiguous() for n in names},
+                      str(Path(output_dir) / TRAINABLE_WEIGHTS))
             if ema is not None:
                 save_file({n: s.cpu().contiguous() for n, s in zip(names, ema.shadow)},
                           str(Path(output_dir) / EMA_WEIGHTS), metadata={"num_updates": str(ema.num_updates),
@@ -198,7 +200,8 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
         step_callback: called on every process after every micro-batch with a :class:`StepInfo`.
     """
     accelerator = make_accelerator(config)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)  # model init (from scratch, new embedder and projection); identical on every process
@@ -207,14 +210,14 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
     data = build_training_data(config, components.metadata_stats)
     scheduler = components.scheduler
     if scheduler.config.prediction_type != "epsilon":
-        raise ConfigError(f"the scheduler predicts {scheduler.config.prediction_type!r}; training here is ε-prediction")
+        raise ConfigError(f"the scheduler predicts {scheduler.config.prediction_type!r}; this trains ε-prediction")
     num_t = int(scheduler.config.num_train_timesteps)
     is_ood = isinstance(config, OODTrainConfig) and config.use_ood
     if is_ood and not 0 <= config.ood_t_min < num_t:
         raise ConfigError(f"--ood_t_min {config.ood_t_min} must lie in [0, {num_t})")
     if config.dry_run:
         if accelerator.is_main_process:
-            print(config.to_dict())
+            print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
             print(f"training slices per epoch: {len(data.sampler)}; sources: {data.source_names}")
         return Path(config.output_dir)
 
@@ -232,24 +235,32 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
     batches_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes)
     steps_per_epoch = updates_per_epoch(batches_per_epoch, config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
     # The prepared scheduler steps once per process per optimiser step.
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
 
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    batches_per_epoch = len(dataloader)  # the sharded loader is the truth
     unwrapped: ConditionedDenoiser = accelerator.unwrap_model(model)
-    ema = EMA([p for _, p in unwrapped.trainable_named_parameters()], decay=config.ema_decay) if config.use_ema else None
+    ema = None
+    if config.use_ema:
+        ema = EMA([p for _, p in unwrapped.trainable_named_parameters()], decay=config.ema_decay)
     _register_state_hooks(accelerator, unwrapped, ema)
     alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device, torch.float32)
 
-    state = TrainingState()
+    state = TrainingState(num_processes=accelerator.num_processes)
     resume = resolve_resume_checkpoint(config.output_dir, config.resume_from_checkpoint)
     if resume is not None:
         accelerator.print(f"resuming from {resume}")
         accelerator.load_state(str(resume))
         state = read_training_state(resume)
+        if state.num_processes != accelerator.num_processes:
+            # The position inside the epoch counts per-process batches: restart the epoch rather than guess.
+            logger.warning("checkpoint written by %d process(es), resuming with %d: restarting epoch %d",
+                           state.num_processes, accelerator.num_processes, state.epoch)
+            state.batch_in_epoch = 0
+        state.num_processes = accelerator.num_processes
         if state.batch_in_epoch >= batches_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
@@ -270,9 +281,8 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
     loss_count = 0
     t_start = time.perf_counter()
     done = state.global_step >= max_steps
-    for epoch in range(state.epoch, num_epochs):
-        if done:
-            break
+    epoch = state.epoch
+    while not done:
         data.sampler.select_epoch(epoch)
         data.dataset.select_epoch(epoch)
         skip = state.batch_in_epoch if epoch == state.epoch else 0
@@ -317,6 +327,9 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
             if state.global_step >= max_steps:
                 done = True
                 break
+        if state.epoch != epoch and not done:
+            raise RuntimeError(f"epoch {epoch} produced no optimiser step (too few batches per process?)")
+        epoch += 1
     progress.close()
     elapsed = time.perf_counter() - t_start
     accelerator.print(f"trained to step {state.global_step} in {elapsed:.1f} s")

@@ -1,0 +1,133 @@
+"""Tables and figures from reconstruction outputs (the folders written by :mod:`utils.reconstruction`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.channels import channels_to_complex
+
+
+@dataclass
+class MethodResult:
+    """One row of the results table."""
+
+    label: str
+    acc_factor: float
+    out_dir: Path
+    summary: dict[str, Any]
+
+
+def load_result(label: str, acc_factor: float, out_dir: str | Path) -> MethodResult:
+    out = Path(out_dir)
+    return MethodResult(label, acc_factor, out, json.loads((out / "summary.json").read_text()))
+
+
+def _pm(stat: Mapping[str, float], fmt: str) -> str:
+    return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}"
+
+
+def results_table(results: Sequence[MethodResult]) -> tuple[str, list[dict[str, Any]]]:
+    """Markdown table (fastMRI protocol) and the same rows as dicts for CSV."""
+    header = ("| method | R (achieved) | PSNR [dB] | SSIM | NMSE | s / slice | NFE / slice |\n"
+              "|---|---|---|---|---|---|---|")
+    lines, rows = [header], []
+    for r in results:
+        s = r.summary
+        lines.append(
+            f"| {r.label} | {r.acc_factor:g} ({s['acceleration']['mean']:.2f}) | {_pm(s['fastmri_psnr'], '.2f')} | "
+            f"{_pm(s['fastmri_ssim'], '.4f')} | {_pm(s['fastmri_nmse'], '.4f')} | {s['time_s']['mean']:.2f} | "
+            f"{s['nfe']['mean']:.0f} |"
+        )
+        rows.append({
+            "method": r.label, "acc_factor": r.acc_factor, "achieved_acceleration": s["acceleration"]["mean"],
+            **{f"{k}_{m}": s[k][m] for k in ("fastmri_psnr", "fastmri_ssim", "fastmri_nmse", "contextmri_psnr",
+                                              "contextmri_ssim") for m in ("mean", "std")},
+            "time_per_slice_s": s["time_s"]["mean"], "nfe_per_slice": s["nfe"]["mean"],
+            "num_volumes": s["num_volumes"], "num_slices": s["num_slices"],
+        })
+    return "\n".join(lines), rows
+
+
+def _gt(item) -> np.ndarray:
+    return channels_to_complex(torch.as_tensor(item.image)[None])[0].numpy()
+
+
+def _support(gt: np.ndarray, frac: float = 0.05) -> np.ndarray:
+    mag = np.abs(gt)
+    return mag > frac * mag.max()
+
+
+def uncertainty_calibration(out_dir: str | Path, dataset: Sequence) -> dict[str, float]:
+    """Spearman rank correlation between the ensemble's per-pixel std and the per-pixel absolute error.
+
+    Computed per slice inside the object (|ground truth| > 5 % of its maximum), then mean ± std over slices. A
+    calibrated ensemble puts its spread where its errors are (correlation well above 0).
+    """
+    from scipy.stats import spearmanr
+
+    out = Path(out_dir)
+    values = []
+    for item in dataset:
+        std_path = out / "std" / item.filename / f"{item.slice_idx:03d}.npy"
+        rec_path = out / "recon" / item.filename / f"{item.slice_idx:03d}.npy"
+        if not std_path.is_file():
+            continue
+        gt = _gt(item)
+        err = np.abs(np.load(rec_path) - gt)
+        std = np.load(std_path)
+        inside = _support(gt)
+        rho = spearmanr(std[inside].ravel(), err[inside].ravel()).statistic
+        if np.isfinite(rho):
+            values.append(float(rho))
+    arr = np.asarray(values)
+    return {"spearman_mean": float(arr.mean()) if arr.size else float("nan"),
+            "spearman_std": float(arr.std()) if arr.size else float("nan"), "num_slices": int(arr.size)}
+
+
+def figure_grid(
+    path: str | Path, dataset_item: Any, zero_filled_dir: str | Path, methods: Mapping[str, str | Path],
+    std_dir: str | Path | None = None, title: str = "",
+) -> Path:
+    """One slice: label, zero-filled and each method (top), their error maps ×5 (bottom), the ensemble std map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rel = Path(dataset_item.filename) / f"{dataset_item.slice_idx:03d}.npy"
+    gt = _gt(dataset_item)
+    images = {"label": gt, "zero-filled": np.load(Path(zero_filled_dir) / "recon" / rel)}
+    images.update({name: np.load(Path(d) / "recon" / rel) for name, d in methods.items()})
+    extra = std_dir is not None and (Path(std_dir) / "std" / rel).is_file()
+    cols = len(images) + (1 if extra else 0)
+    fig, axes = plt.subplots(2, cols, figsize=(2.2 * cols, 4.6))
+    vmax = float(np.abs(gt).max())
+    for j, (name, img) in enumerate(images.items()):
+        axes[0, j].imshow(np.abs(img), cmap="gray", vmin=0, vmax=vmax)
+        axes[0, j].set_title(name, fontsize=8)
+        err = np.abs(np.abs(img) - np.abs(gt))
+        axes[1, j].imshow(5 * err, cmap="inferno", vmin=0, vmax=vmax)
+        axes[1, j].set_title("error ×5" if name != "label" else "", fontsize=8)
+    if extra:
+        std = np.load(Path(std_dir) / "std" / rel)
+        axes[0, -1].imshow(5 * std, cmap="inferno", vmin=0, vmax=vmax)
+        axes[0, -1].set_title("ensemble std ×5", fontsize=8)
+        axes[1, -1].axis("off")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
