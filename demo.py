@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""The main job on physics-simulated data, end to end on a CPU (about 20 minutes on 2 cores).
+
+Simulates a small brain set (fastMRI h5, split by subject) and a small cardiac set (CMRxRecon .mat), preprocesses them
+with the real scripts, trains an unconditioned, a text-conditioned (ContextMRI-style) and a fine-grained metadata
+model at equal budget, reconstructs held-out slices at 4x and 8x with the same masks for every method, and prints the
+results table with a metadata-sensitivity and an uncertainty-calibration check. Interrupted runs resume.
+
+    python demo.py --output_dir demo_output
+    python demo.py --output_dir /tmp/quick --quick      # a 3-minute smoke run (numbers meaningless)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from utils.demo import DemoConfig, run_demo
+
+
+def parse_args(argv: list[str] | None = None) -> DemoConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = DemoConfig()
+    p.add_argument("--output_dir", type=Path, default=d.output_dir)
+    p.add_argument("--train_steps", type=int, default=d.train_steps)
+    p.add_argument("--num_volumes", type=int, default=d.num_volumes)
+    p.add_argument("--num_slices", type=int, default=d.num_slices)
+    p.add_argument("--recon_steps", type=int, default=d.recon_steps)
+    p.add_argument("--ensemble_size", type=int, default=d.ensemble_size)
+    p.add_argument("--max_val_slices", type=int, default=d.max_val_slices)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the claim")
+    a = p.parse_args(argv)
+    cfg = DemoConfig(output_dir=a.output_dir, train_steps=a.train_steps, num_volumes=a.num_volumes,
+                     num_slices=a.num_slices, recon_steps=a.recon_steps, ensemble_size=a.ensemble_size,
+                     max_val_slices=a.max_val_slices, seed=a.seed)
+    if a.quick:
+        cfg.num_volumes, cfg.num_slices, cfg.train_steps, cfg.recon_steps = 4, 2, 4, 5
+        cfg.ensemble_size, cfg.max_val_slices, cfg.batch_size = 2, 2, 2
+        cfg.matrix, cfg.crop_size = "64x32", 32
+    if cfg.train_steps < 1 or cfg.num_volumes < 4:
+        p.error("need --train_steps >= 1 and --num_volumes >= 4 (a quarter is held out)")
+    return cfg
+
+
+if __name__ == "__main__":
+    run_demo(parse_args())
+    sys.exit(0)
