@@ -47,6 +47,8 @@ class ConditionBuilder(nn.Module):
         if text is None and metadata is None and null_dim is None:
             raise ValueError("ConditionBuilder needs a text encoder, a metadata embedder, or null_dim (unconditional)")
         self.null_dim = null_dim
+        # A buffer (not a parameter): it follows .to(device) and needs no saving.
+        self.register_buffer("null_token", torch.zeros(1, 1, int(null_dim or 1)), persistent=False)
         if text is not None and metadata is not None and text.out_dim != metadata.embed_dim:
             raise ValueError(f"text width {text.out_dim} != metadata width {metadata.embed_dim}")
         if not 0.0 <= prompt_drop_prob <= 1.0:
@@ -107,7 +109,7 @@ class ConditionBuilder(nn.Module):
         if batch == 0:
             raise ValueError("empty batch")
         if self.is_unconditional:
-            return torch.zeros(batch, 1, self.out_dim)
+            return self.null_token.expand(batch, -1, -1)
         parts: list[torch.Tensor] = []
         meta = None
         if self.metadata is not None:

@@ -286,3 +286,40 @@ def test_t5_run_exports_what_load_trained_model_restores(assets, tmp_path, one_t
     assert torch.equal(model.conditioner.text.proj.weight, saved["conditioner.text.proj.weight"])
     unet_state = model.unet.state_dict()
     assert all(torch.equal(unet_state[k[len("unet."):]], v) for k, v in saved.items() if k.startswith("unet."))
+
+
+# ------------------------------------------------------------------------------------- demo baselines (issue 8 needs)
+def test_unconditional_and_scratch_text_encoder_runs_export_and_reload(assets, tmp_path, one_thread):
+    """The unconditioned baseline (one constant token) and a text baseline whose CLIP encoder trains from scratch:
+    the encoder's weights change, are exported with the model, and the reloaded model reproduces the tokens."""
+    from models.testing import tiny_clip_text_model, write_tiny_clip_tokenizer
+    from utils.training.export import load_trained_model
+
+    scratch = tmp_path / "scratch_text"
+    write_tiny_clip_tokenizer(scratch / "tokenizer")
+    tiny_clip_text_model(hidden_size=32).save_pretrained(scratch / "text_encoder")
+    before = load_file(str(next((scratch / "text_encoder").glob("*.safetensors"))))
+
+    out = _train(["--unet_config", str(REPO / "configs" / "unet" / "tiny.json"), "--data_root",
+                  str(assets["root"]), "--mri_metadata_dir_brain", str(assets["csv"]["brain"]), "--resolution", "32",
+                  "--train_batch_size", "2", "--dataloader_num_workers", "0", "--report_to", "none",
+                  "--max_train_steps", "3", "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "text"),
+                  "--text_encoder_type", "clip", "--text_encoder_path", str(scratch), "--train_text_encoder"])
+    saved = load_file(str(next((out / "text_encoder").glob("*.safetensors"))))
+    changed = [k for k in before if not torch.equal(before[k], saved[k])]
+    assert changed, "the text encoder did not train"
+    model = load_trained_model(out)
+    ref = model.conditioner.build([{}], ["brain, Slice 2, T2"])
+    again = load_trained_model(out).conditioner.build([{}], ["brain, Slice 2, T2"])
+    assert torch.equal(ref, again)
+
+    out_u = _train(["--unet_config", str(REPO / "configs" / "unet" / "tiny.json"), "--data_root",
+                    str(assets["root"]), "--mri_metadata_dir_brain", str(assets["csv"]["brain"]), "--resolution", "32",
+                    "--train_batch_size", "2", "--dataloader_num_workers", "0", "--report_to", "none",
+                    "--max_train_steps", "2", "--output_dir", str(tmp_path / "uncond"), "--text_encoder_type", "none",
+                    "--unconditional"])
+    uncond = load_trained_model(out_u)
+    assert uncond.conditioner.is_unconditional
+    assert uncond.conditioner.build([{}, {}]).shape == (2, 1, uncond.unet.config.encoder_hid_dim)
+    with pytest.raises(ConfigError):
+        parse_config(["--unet_config", "tiny", "--mri_metadata_dir_brain", "x.csv", "--text_encoder_type", "none"])

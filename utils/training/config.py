@@ -42,6 +42,10 @@ class TrainConfig:
         None, "Folder with the text encoder (and tokenizer); default: the released folder's text_encoder/ + "
         "tokenizer/.",
         group="model")
+    train_text_encoder: bool = _opt(False, "Train the text encoder with the UNet instead of freezing it (for a text "
+                                    "encoder that starts from scratch; saved with the model).", group="model")
+    unconditional: bool = _opt(False, "No condition at all (one constant token): the unconditioned baseline. Needs "
+                               "--text_encoder_type none and no --enable_condition_emb.", group="model")
     enable_condition_emb: bool = _opt(False, "Append typed metadata tokens (Metadata Matters) after the text tokens.",
                                       group="model")
     metadata_stats: str | None = _opt(None, "metadata_stats.json for the condition embedder (needed with "
@@ -222,8 +226,13 @@ def check_config(config: TrainConfig) -> None:
         problems.append("--use_lora adapts the released UNet: give --pretrained_model_name_or_path")
     if config.enable_condition_emb and not config.metadata_stats:
         problems.append("--enable_condition_emb needs --metadata_stats")
-    if config.text_encoder_type == "none" and not config.enable_condition_emb:
-        problems.append("--text_encoder_type none leaves the model unconditioned: add --enable_condition_emb")
+    if config.unconditional and (config.text_encoder_type != "none" or config.enable_condition_emb):
+        problems.append("--unconditional needs --text_encoder_type none and no --enable_condition_emb")
+    if config.text_encoder_type == "none" and not config.enable_condition_emb and not config.unconditional:
+        problems.append("--text_encoder_type none leaves the model unconditioned: add --enable_condition_emb "
+                        "(or say --unconditional)")
+    if config.train_text_encoder and config.text_encoder_type == "none":
+        problems.append("--train_text_encoder needs a text encoder (--text_encoder_type clip|t5)")
     if config.text_encoder_type != "none" and not (config.text_encoder_path or config.pretrained_model_name_or_path):
         problems.append(f"--text_encoder_type {config.text_encoder_type} needs --text_encoder_path (or a released "
                         "folder with text_encoder/)")

@@ -6,6 +6,7 @@ Layout of ``{output_dir}`` after training (EMA weights when the run used EMA)::
     lora/pytorch_lora_weights.safetensors   LoRA adapter on the released UNet (--use_lora)
     condition_embedder/           MetadataConditionEmbedder save_pretrained (--enable_condition_emb)
     text_projection.safetensors   trainable text-width projection (only when the text width != the UNet's)
+    text_encoder/, tokenizer/     the text encoder, only when it was trained (--train_text_encoder)
     scheduler/scheduler_config.json
     run_config.json               the resolved TrainConfig
 
@@ -60,6 +61,9 @@ def save_inference_snapshot(model, scheduler: DDPMScheduler, config: TrainConfig
         save_file({k: v.detach().cpu().contiguous() for k, v in text.proj.state_dict().items()},
                   str(out / TEXT_PROJECTION_NAME), metadata={"in_features": str(text.proj.in_features),
                                                              "out_features": str(text.proj.out_features)})
+    if text is not None and getattr(text, "trainable_encoder", False):
+        text.encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+        text.tokenizer.save_pretrained(out / "tokenizer")
     scheduler.save_pretrained(out / "scheduler")
     config.save(out / RUN_CONFIG_NAME)
     return out
@@ -130,7 +134,8 @@ def load_trained_model(
     dim = condition_dim(unet)
     text = None
     if config.text_encoder_type != "none":
-        source = text_encoder_path or config.text_encoder_path or base
+        trained_here = (folder / "text_encoder" / "config.json").is_file()
+        source = folder if trained_here else (text_encoder_path or config.text_encoder_path or base)
         text = load_text_conditioner(config.text_encoder_type, source, out_dim=dim)
         proj_file = folder / TEXT_PROJECTION_NAME
         if isinstance(text.proj, torch.nn.Linear):
@@ -140,7 +145,7 @@ def load_trained_model(
     metadata = None
     if (folder / "condition_embedder").is_dir():
         metadata = MetadataConditionEmbedder.from_pretrained(folder / "condition_embedder")
-    conditioner = ConditionBuilder(text, metadata)
+    conditioner = ConditionBuilder(text, metadata, null_dim=dim if getattr(config, "unconditional", False) else None)
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     unet.to(device).eval().requires_grad_(False)
     conditioner.to(device).eval().requires_grad_(False)

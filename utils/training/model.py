@@ -78,8 +78,8 @@ class Components:
 def build_components(config: TrainConfig) -> Components:
     """Build the UNet, text conditioner, metadata embedder and noise scheduler of a run.
 
-    Frozen: the text encoder, and the base UNet under LoRA. Trainable: the UNet (or its adapters), the metadata
-    embedder, the text projection.
+    Frozen: the text encoder (unless ``--train_text_encoder``), and the base UNet under LoRA. Trainable: the UNet (or
+    its adapters), the metadata embedder, the text projection.
 
     Raises:
         ConfigError: missing folders/files, or a metadata stats file the embedder cannot use.
@@ -106,7 +106,8 @@ def build_components(config: TrainConfig) -> Components:
 
     text_source = config.text_encoder_path or config.pretrained_model_name_or_path
     try:
-        text = load_text_conditioner(config.text_encoder_type, text_source, out_dim=dim)
+        text = load_text_conditioner(config.text_encoder_type, text_source, out_dim=dim,
+                                     trainable_encoder=config.train_text_encoder)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load the {config.text_encoder_type} text encoder from {text_source}: {err}") from err
 
@@ -120,7 +121,8 @@ def build_components(config: TrainConfig) -> Components:
         metadata = MetadataConditionEmbedder.from_stats(stats, embed_dim=dim, cfg_prob=config.cfg_prob,
                                                         cfg_strategy=config.cfg_strategy)
     conditioner = ConditionBuilder(text if config.text_encoder_type != "none" else None, metadata,
-                                   prompt_drop_prob=config.prompt_cfg_prob if config.text_encoder_type != "none" else 0)
+                                   prompt_drop_prob=config.prompt_cfg_prob if config.text_encoder_type != "none" else 0,
+                                   null_dim=dim if config.unconditional else None)
 
     if config.use_lora:
         add_lora(unet, rank=config.lora_rank, alpha=config.lora_alpha)
