@@ -24,23 +24,28 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     d = DemoConfig()
     p.add_argument("--output_dir", type=Path, default=d.output_dir)
     p.add_argument("--train_steps", type=int, default=d.train_steps)
-    p.add_argument("--num_volumes", type=int, default=d.num_volumes)
+    p.add_argument("--volumes_per_contrast", type=int, default=d.volumes_per_contrast)
     p.add_argument("--num_slices", type=int, default=d.num_slices)
     p.add_argument("--recon_steps", type=int, default=d.recon_steps)
     p.add_argument("--ensemble_size", type=int, default=d.ensemble_size)
     p.add_argument("--max_val_slices", type=int, default=d.max_val_slices)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--with_ood", action="store_true",
+                   help="also train the fine-grained model with the cardiac set (train_mri_ood.py); adds ~1/3 time")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the claim")
     a = p.parse_args(argv)
-    cfg = DemoConfig(output_dir=a.output_dir, train_steps=a.train_steps, num_volumes=a.num_volumes,
+    cfg = DemoConfig(output_dir=a.output_dir, train_steps=a.train_steps, volumes_per_contrast=a.volumes_per_contrast,
                      num_slices=a.num_slices, recon_steps=a.recon_steps, ensemble_size=a.ensemble_size,
                      max_val_slices=a.max_val_slices, seed=a.seed)
+    if a.with_ood:
+        cfg.methods = (*cfg.methods, "fine-grained+ood")
     if a.quick:
-        cfg.num_volumes, cfg.num_slices, cfg.train_steps, cfg.recon_steps = 4, 2, 4, 5
+        cfg.volumes_per_contrast, cfg.num_slices, cfg.train_steps, cfg.recon_steps = 2, 2, 4, 5
+        cfg.contrasts = ("AXT1", "AXT2")
         cfg.ensemble_size, cfg.max_val_slices, cfg.batch_size = 2, 2, 2
         cfg.matrix, cfg.crop_size = "64x32", 32
-    if cfg.train_steps < 1 or cfg.num_volumes < 4:
-        p.error("need --train_steps >= 1 and --num_volumes >= 4 (a quarter is held out)")
+    if cfg.train_steps < 1 or cfg.volumes_per_contrast < 2:
+        p.error("need --train_steps >= 1 and --volumes_per_contrast >= 2 (one subject per contrast is held out)")
     return cfg
 
 

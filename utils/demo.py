@@ -29,13 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass
 class DemoConfig:
     output_dir: Path = Path("demo_output")
-    num_volumes: int = 24  # brain subjects (a quarter held out for validation, split by subject)
-    num_slices: int = 4
+    contrasts: tuple[str, ...] = ("AXT1", "AXT2", "AXFLAIR", "AXT1POST")  # balanced: 1 series type per subject
+    volumes_per_contrast: int = 8  # subjects per contrast; one of each is held out for validation
+    num_slices: int = 5
     matrix: str = "128x64"  # oversampled readout x phase encode -> 64 x 64 images
     num_coils: str = "4"
     crop_size: int = 64
     cardiac_volumes: int = 2
-    train_steps: int = 400
+    train_steps: int = 240
     batch_size: int = 8
     learning_rate: float = 3e-4
     cfg_prob: float = 0.1
@@ -43,7 +44,7 @@ class DemoConfig:
     ensemble_size: int = 4
     accelerations: tuple[float, ...] = (4.0, 8.0)
     mask_type: str = "uniform1d"
-    max_val_slices: int = 16
+    max_val_slices: int = 20
     seed: int = 0
     threads: int = 2
     methods: tuple[str, ...] = ("unconditioned", "text", "fine-grained")
@@ -83,10 +84,20 @@ def _run(args: list[str], cfg: DemoConfig, log_name: str) -> None:
 
 def simulate(cfg: DemoConfig) -> None:
     raw = cfg.output_dir / "raw"
-    if not (raw / "brain" / "val").is_dir():
-        _run(["make_synthetic_data.py", "--format", "fastmri", "--output_dir", raw / "brain", "--num_volumes",
-              cfg.num_volumes, "--num_slices", cfg.num_slices, "--matrix", cfg.matrix, "--num_coils", cfg.num_coils,
-              "--val_fraction", "0.25", "--seed", cfg.seed], cfg, "simulate_brain")
+    # One call per contrast so that every contrast has the same number of subjects (the real fastMRI brain set is
+    # mostly T2); a different seed per call gives different subjects.
+    for i, acq in enumerate(cfg.contrasts):
+        if not (raw / f"brain_{acq}" / "val").is_dir():
+            _run(["make_synthetic_data.py", "--format", "fastmri", "--output_dir", raw / f"brain_{acq}",
+                  "--num_volumes", cfg.volumes_per_contrast, "--num_slices", cfg.num_slices, "--matrix", cfg.matrix,
+                  "--num_coils", cfg.num_coils, "--acquisitions", acq, "--val_fraction",
+                  1.0 / cfg.volumes_per_contrast, "--seed", cfg.seed + 1000 * i], cfg, f"simulate_brain_{acq}")
+            for split in ("train", "val"):
+                (raw / "brain" / split).mkdir(parents=True, exist_ok=True)
+                for h5 in (raw / f"brain_{acq}" / split).glob("*.h5"):
+                    target = raw / "brain" / split / h5.name
+                    if not target.exists():
+                        os.symlink(h5, target)
     if not (raw / "cmrx" / "MultiCoil").is_dir():
         _run(["make_synthetic_data.py", "--format", "cmrx", "--layout", "2023", "--output_dir", raw / "cmrx",
               "--num_volumes", cfg.cardiac_volumes, "--num_slices", "2", "--num_slices_lax", "1", "--num_frames", "4",
@@ -106,6 +117,9 @@ def preprocess(cfg: DemoConfig) -> None:
     if not (cfg.output_dir / "metadata_stats.json").is_file():
         _run(["make_metadata_stats.py", root / "metadata_brain_train.csv", "--output",
               cfg.output_dir / "metadata_stats.json"], cfg, "stats")
+    if not (cfg.output_dir / "metadata_stats_ood.json").is_file():
+        _run(["make_metadata_stats.py", root / "metadata_brain_train.csv", root / "metadata_cardiology_train.csv",
+              "--output", cfg.output_dir / "metadata_stats_ood.json"], cfg, "stats_ood")
 
 
 def make_text_encoder(cfg: DemoConfig) -> Path:
@@ -138,13 +152,19 @@ def train(cfg: DemoConfig, method: str, text_folder: Path) -> Path:
               "--seed", cfg.seed, "--output_dir", out, "--checkpointing_steps", 10**9, "--report_to", "tensorboard",
               "--dataloader_num_workers", "0", "--mixed_precision", "no"]
     if method == "unconditioned":
-        extra = ["--text_encoder_type", "none"]
+        extra = ["--text_encoder_type", "none", "--unconditional"]
     elif method == "text":
         extra = ["--text_encoder_type", "clip", "--text_encoder_path", text_folder, "--train_text_encoder",
                  "--prompt_cfg_prob", cfg.cfg_prob]
     elif method == "fine-grained":
         extra = ["--text_encoder_type", "none", "--enable_condition_emb", "--metadata_stats",
                  cfg.output_dir / "metadata_stats.json", "--cfg_prob", cfg.cfg_prob, "--cfg_strategy", "joint"]
+    elif method == "fine-grained+ood":
+        common[0] = "train_mri_ood.py"
+        extra = ["--text_encoder_type", "none", "--enable_condition_emb", "--metadata_stats",
+                 cfg.output_dir / "metadata_stats_ood.json", "--cfg_prob", cfg.cfg_prob, "--cfg_strategy", "joint",
+                 "--use_ood", "--cardio_data_root", root, "--mri_metadata_dir_cardio",
+                 root / "metadata_cardiology_train.csv"]
     else:
         raise ValueError(method)
     _run(common + extra, cfg, f"train_{method}")
@@ -193,9 +213,12 @@ def run_demo(cfg: DemoConfig) -> Path:
                 "text": ["--finetune_folder", models.get("text")],
                 "fine-grained": ["--finetune_folder", models.get("fine-grained"), "--enable_condition_emb",
                                  "--metadata_stats", stats],
+                "fine-grained+ood": ["--finetune_folder", models.get("fine-grained+ood"), "--enable_condition_emb",
+                                     "--metadata_stats", cfg.output_dir / "metadata_stats_ood.json"],
             }
             labels = {"unconditioned": "unconditioned", "text": "text (ContextMRI-style, encoder from scratch)",
-                      "fine-grained": "fine-grained metadata"}
+                      "fine-grained": "fine-grained metadata",
+                      "fine-grained+ood": "fine-grained + cardiac OOD data (train_mri_ood.py)"}
             for method in cfg.methods:
                 runs.append((labels[method], method, model_args[method]))
             if "fine-grained" in cfg.methods:
@@ -232,10 +255,12 @@ def run_demo(cfg: DemoConfig) -> Path:
                               f"{cfg.mask_type} x{acc:g}")
 
     table, rows = results_table(results)
+    stage_times = ", ".join(f"{name.split(' (')[0]}: {secs:.0f} s" for name, secs in timings.items())
     total = time.perf_counter() - t_all
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}, torch CPU, fp32"
     lines = [
-        f"Demo on simulated brain data ({cfg.num_volumes} subjects x {cfg.num_slices} slices, {cfg.crop_size}x"
+        f"Demo on simulated brain data ({len(cfg.contrasts)} contrasts x {cfg.volumes_per_contrast} subjects x "
+        f"{cfg.num_slices} slices, one subject per contrast held out, {cfg.crop_size}x"
         f"{cfg.crop_size}, {cfg.max_val_slices} held-out slices), {cfg.mask_type} masks, DDS {cfg.recon_steps} steps "
         f"(eta 0.8, gamma 5, 5 CG), every model {cfg.train_steps} steps x batch {cfg.batch_size}, seed {cfg.seed}.",
         "Metrics: fastMRI protocol (magnitude, volume-wise, data_range = max of the volume), mean ± std over volumes.",
@@ -249,8 +274,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         "absolute error, inside the object, mean ± std over slices):", "",
         *[f"- {k}: {v['spearman_mean']:.3f} ± {v['spearman_std']:.3f} ({v['num_slices']} slices)"
           for k, v in calibration.items()],
-        "", f"Machine: {machine}. Total wall time {total / 60:.1f} min "
-            f"({', '.join(f'{k.split(' (')[0]}: {v:.0f} s' for k, v in timings.items())}).",
+        "", f"Machine: {machine}. Total wall time {total / 60:.1f} min ({stage_times}).",
     ]
     report = "\n".join(lines)
     (cfg.output_dir / "results.md").write_text(report + "\n")
