@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gamma", type=float, default=5.0)
     g.add_argument("--cg_iter", type=int, default=5)
     g.add_argument("--dps_step", type=float, default=1.0)
+    g.add_argument("--clip_x0", type=float, default=None,
+                   help="DDS: limit |x0_hat| to this value before data consistency (off by default, as the reference)")
     g.add_argument("--guidance_scale", "--cfg_scale", type=float, default=1.0,
                    help="w <= 1: conditional only; w > 1: eps_u + w (eps_c - eps_u)")
     g.add_argument("--drop_metadata_keys", nargs="*", default=[], help="attributes removed at inference")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = ReconSettings(
         method=args.method, sampler=args.sampler, mask_type=args.mask_type, acc_factor=args.acc_factor,
         center_fraction=args.center_fraction, num_steps=args.num_steps, eta=args.eta, gamma=args.gamma,
-        cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale,
+        cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale, clip_x0=args.clip_x0,
         drop_metadata_keys=list(args.drop_metadata_keys), uncond_drop_keys=args.uncond_drop_keys,
         metadata_override=_overrides(args.metadata_override), mismatch_metadata=args.mismatch_metadata,
         num_samples=args.num_samples, seed=args.seed,
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             unet, conditioner, schedule, sampler=args.sampler, num_steps=args.num_steps, eta=args.eta,
             gamma=args.gamma, cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale,
             drop_metadata_keys=args.drop_metadata_keys, uncond_drop_keys=args.uncond_drop_keys,
-            autocast_dtype=autocast,
+            autocast_dtype=autocast, clip_x0=args.clip_x0,
         )
 
     out = run_reconstruction(dataset, settings, args.save_dir, diffusion=diffusion, device=state.device,

@@ -387,3 +387,30 @@ def test_ensemble_std_is_zero_for_equal_samples_and_known_otherwise():
     torch.testing.assert_close(std, (a - b).abs() / 2)
     torch.testing.assert_close(ensemble_stats(torch.stack([a, b]), std="magnitude")[1], torch.zeros(2, 8, 8),
                                atol=1e-6, rtol=0)
+
+
+def test_clip_x0_limits_the_denoised_magnitude():
+    """``clip_x0`` bounds |x̂₀| (phase kept) where an untrained network's x̂₀ explodes at large t."""
+    from utils.operators import SenseOperator
+    from utils.samplers import dds_sample
+
+    torch.manual_seed(0)
+    maps = torch.ones(1, 1, 8, 8, dtype=torch.complex64)
+    op = SenseOperator(maps, torch.ones(1, 8))
+    y = op.forward(torch.randn(1, 8, 8, dtype=torch.complex64))
+    acp = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    seen = []
+
+    def zero_eps(x, t):
+        return torch.zeros_like(x)
+
+    def record(i, t, x_t, x0_hat):
+        seen.append(float(x0_hat.abs().max()))
+
+    dds_sample(zero_eps, op, y, acp, num_steps=5, cg_iter=0, clip_x0=1.0, callback=record,
+               generators=[torch.Generator().manual_seed(0)])
+    assert max(seen) <= 1.0 + 1e-5
+    seen.clear()
+    dds_sample(zero_eps, op, y, acp, num_steps=5, cg_iter=0, callback=record,
+               generators=[torch.Generator().manual_seed(0)])
+    assert max(seen) > 10.0  # without clipping x_t / sqrt(alpha_bar) is large at t = 800

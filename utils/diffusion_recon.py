@@ -26,6 +26,7 @@ class DiffusionReconstructor:
         uncond_drop_keys: for ``w > 1``, the attributes the unconditional branch drops (None: all, with the empty
             prompt); dropping only some gives per-attribute guidance.
         autocast_dtype: run the network in this dtype (e.g. ``torch.bfloat16``); data consistency stays fp32.
+        clip_x0: DDS only: limit ``|x̂₀|`` to this value before data consistency (off by default, as the reference).
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class DiffusionReconstructor:
         drop_metadata_keys: Sequence[str] | None = None,
         uncond_drop_keys: Sequence[str] | None = None,
         autocast_dtype: torch.dtype | None = None,
+        clip_x0: float | None = None,
     ) -> None:
         if sampler not in ("dds", "dps"):
             raise ValueError(f"unknown sampler {sampler!r}")
@@ -59,6 +61,7 @@ class DiffusionReconstructor:
         self.drop_metadata_keys = list(drop_metadata_keys or [])
         self.uncond_drop_keys = None if uncond_drop_keys is None else list(uncond_drop_keys)
         self.autocast_dtype = autocast_dtype
+        self.clip_x0 = clip_x0
 
     @torch.no_grad()
     def condition(
@@ -90,7 +93,7 @@ class DiffusionReconstructor:
         if self.sampler == "dds":
             x = dds_sample(
                 eps_fn, op, y, self.schedule, num_steps=self.num_steps, eta=self.eta, gamma=self.gamma,
-                cg_iter=self.cg_iter, generators=list(generators), stats=stats,
+                cg_iter=self.cg_iter, generators=list(generators), stats=stats, clip_x0=self.clip_x0,
             )
         else:
             x = dps_sample(

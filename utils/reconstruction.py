@@ -47,6 +47,7 @@ class ReconSettings:
     cg_iter: int = 5
     dps_step: float = 1.0
     guidance_scale: float = 1.0
+    clip_x0: float | None = None
     drop_metadata_keys: list[str] = field(default_factory=list)
     uncond_drop_keys: list[str] | None = None  # None: the unconditional branch drops every key
     metadata_override: dict[str, Any] = field(default_factory=dict)  # replace these values in every record
