@@ -299,6 +299,6 @@ def series_metadata(series: CMRxSeries, num_coils: int, image_shape: tuple[int, 
     if field_strength:
         try:
             meta["field_strength"] = float(field_strength)
-        except ValueError:
+        except ValueError:  # unparsable snapshot value: keep the documented 3 T
             pass
     return meta

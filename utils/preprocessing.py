@@ -435,7 +435,7 @@ def _limit_threads() -> None:
         import numba
 
         numba.set_num_threads(1)
-    except (ImportError, ValueError):
+    except (ImportError, ValueError):  # no numba, or its pool already started: threads stay as they are
         pass
 
 
