@@ -68,6 +68,18 @@ def test_normal_is_adjoint_of_forward(case: str) -> None:
     assert abs(q.imag) < 1e-9 * abs(q.real) and q.real >= 0
 
 
+@pytest.mark.parametrize("shape", [(11, 9), (12, 9), (11, 10)])
+def test_normal_with_odd_sizes(shape: tuple[int, int]) -> None:
+    """fftshift and ifftshift differ for odd sizes; the fast AᴴA must still equal Aᴴ(A x)."""
+    h, w = shape
+    op = SenseOperator(_random_maps(B, C, h, w, 21), _random_mask((h, w), 22))
+    x = torch.randn(B, h, w, dtype=torch.complex128, generator=torch.Generator().manual_seed(23))
+    torch.testing.assert_close(op.normal(x), op.adjoint(op.forward(x)), atol=1e-12, rtol=1e-12)
+    op64 = SenseOperator(op.maps.to(torch.complex64), op.mask.float())
+    torch.testing.assert_close(op64.normal(x.to(torch.complex64)), op64.adjoint(op64.forward(x.to(torch.complex64))),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_unbatched_maps_and_forward_model() -> None:
     """``[C, H, W]`` maps get a batch dim; ``forward`` is exactly ``M ⊙ F(S ⊙ x)``."""
     from utils.fft import fft2c
@@ -93,7 +105,7 @@ def test_unit_norm_maps_full_mask_is_isometry() -> None:
 
 def test_buffers_and_bad_inputs() -> None:
     op = SenseOperator(_random_maps(B, C, H, W, 17).to(torch.complex64), torch.ones(1, W, dtype=torch.bool))
-    assert {name for name, _ in op.named_buffers()} == {"maps", "mask"}
+    assert set(op.state_dict()) == {"maps", "mask"}  # the quadrant-swapped copies for AᴴA are derived, not saved
     assert op.mask.dtype == torch.float32
     with pytest.raises(TypeError):
         SenseOperator(torch.ones(B, C, H, W), torch.ones(1, W))

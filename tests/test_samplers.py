@@ -414,3 +414,72 @@ def test_clip_x0_limits_the_denoised_magnitude():
     dds_sample(zero_eps, op, y, acp, num_steps=5, cg_iter=0, callback=record,
                generators=[torch.Generator().manual_seed(0)])
     assert max(seen) > 10.0  # without clipping x_t / sqrt(alpha_bar) is large at t = 800
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# v-prediction
+
+
+class _OracleVUNet(torch.nn.Module):
+    """A "UNet" that outputs the exact v = √ᾱ ε − √(1−ᾱ) x0 for a known x0 (the noise is read off x_t)."""
+
+    def __init__(self, x0: torch.Tensor) -> None:
+        super().__init__()
+        self.x0_ch = complex_to_channels(x0)
+
+    def forward(self, x, t, encoder_hidden_states=None):
+        a = _acp_at(t, x)
+        eps = (x - a.sqrt() * self.x0_ch) / (1 - a).sqrt()
+        return SimpleNamespace(sample=a.sqrt() * eps - (1 - a).sqrt() * self.x0_ch)
+
+
+def test_v_prediction_target_and_conversion_are_exact_inverses():
+    from utils.training.diffusion import add_noise, prediction_target
+
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(4, 2, 8, 8, generator=g), torch.randn(4, 2, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 600, 999])
+    x_t = add_noise(x0, noise, t, ACP.float())
+    v = prediction_target(x0, noise, t, ACP, "v_prediction")
+    a = _acp_at(t, x_t)
+    torch.testing.assert_close(a.sqrt() * x_t - (1 - a).sqrt() * v, x0, rtol=1e-5, atol=1e-5)  # x̂₀ from v
+    torch.testing.assert_close(prediction_target(x0, noise, t, ACP, "epsilon"), noise)
+    with pytest.raises(ValueError, match="prediction_type"):
+        prediction_target(x0, noise, t, ACP, "sample")
+
+
+def test_dds_with_an_oracle_v_network_returns_ground_truth_and_schedule_carries_the_type():
+    """The sampler receives ε from a v-predicting network through make_cfg_eps_fn (type read from the scheduler)."""
+    op, y, x0 = _problem()
+    schedule = DiffusionSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction"))
+    assert schedule.prediction_type == "v_prediction" and SCHEDULE.prediction_type == "epsilon"
+    unet = _OracleVUNet(x0)
+    cond = _tokens(2, 0)
+    x = dds_sample(make_cfg_eps_fn(unet, cond, None, 1.0, alphas_cumprod=schedule), op, y, schedule, num_steps=20,
+                   eta=0.8, generators=make_generators([0, 1]))
+    assert _rel(x, x0) < 1e-4
+    # One call at high noise: the converted output is the true ε; read as an ε-predictor it is not.
+    t = torch.tensor([800, 800])
+    a = _acp_at(t, complex_to_channels(x0))
+    noise = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(1))
+    x_t = a.sqrt() * complex_to_channels(x0) + (1 - a).sqrt() * noise
+    with torch.no_grad():
+        torch.testing.assert_close(make_cfg_eps_fn(unet, cond, None, 1.0, alphas_cumprod=schedule)(x_t, t), noise,
+                                   rtol=1e-4, atol=1e-4)
+        assert _rel(make_cfg_eps_fn(unet, cond, None, 1.0)(x_t, t), noise) > 0.5
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        make_cfg_eps_fn(unet, cond, None, 1.0, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="not supported"):
+        DiffusionSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000, prediction_type="sample"))
+
+
+def test_cfg_on_v_equals_cfg_on_converted_eps():
+    unet = _RecordingUNet()
+    cond, uncond = _tokens(2, 0), _tokens(2, 1)
+    x, t, w = torch.randn(2, 2, 16, 16), torch.tensor([300, 700]), 2.5
+    a = _acp_at(t, x)
+    with torch.no_grad():
+        guided = make_cfg_eps_fn(unet, cond, uncond, w, prediction_type="v_prediction", alphas_cumprod=ACP)(x, t)
+        eps_c = a.sqrt() * unet(x, t, encoder_hidden_states=cond).sample + (1 - a).sqrt() * x
+        eps_u = a.sqrt() * unet(x, t, encoder_hidden_states=uncond).sample + (1 - a).sqrt() * x
+    torch.testing.assert_close(guided, eps_u + w * (eps_c - eps_u), rtol=1e-5, atol=1e-5)

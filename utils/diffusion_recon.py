@@ -88,7 +88,8 @@ class DiffusionReconstructor:
         generators: Sequence[torch.Generator],
     ) -> tuple[torch.Tensor, int]:
         cond, uncond = self.condition(records, prompts)
-        eps_fn = make_cfg_eps_fn(self.unet, cond, uncond, self.guidance_scale, autocast_dtype=self.autocast_dtype)
+        eps_fn = make_cfg_eps_fn(self.unet, cond, uncond, self.guidance_scale, autocast_dtype=self.autocast_dtype,
+                                 alphas_cumprod=self.schedule)
         stats = SamplerStats()
         if self.sampler == "dds":
             x = dds_sample(

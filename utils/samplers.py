@@ -46,6 +46,7 @@ Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 Generators = Sequence[torch.Generator] | torch.Generator | None
 
 TIMESTEP_SPACINGS = ("leading", "uniform", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 __all__ = [
     "TIMESTEP_SPACINGS",
@@ -109,10 +110,13 @@ class DiffusionSchedule:
     Attributes:
         alphas_cumprod: ᾱ_t = Π_{s≤t} (1 − β_s), float64 ``[T]`` on CPU.
         steps_offset: diffusers' ``steps_offset`` (added to "leading" timesteps).
+        prediction_type: what the network outputs, ``"epsilon"`` or ``"v_prediction"`` (the scheduler config's
+            ``prediction_type``); :func:`make_cfg_eps_fn` turns either into ε for the samplers.
     """
 
     alphas_cumprod: torch.Tensor
     steps_offset: int = 0
+    prediction_type: str = "epsilon"
 
     @property
     def num_train_timesteps(self) -> int:
@@ -126,7 +130,11 @@ class DiffusionSchedule:
     def from_scheduler(cls, scheduler: Any) -> DiffusionSchedule:
         """Read ᾱ from a diffusers scheduler (``DDPMScheduler``, ``DDIMScheduler``, …)."""
         acp = torch.as_tensor(scheduler.alphas_cumprod).detach().to("cpu", torch.float64)
-        return cls(acp, int(getattr(scheduler.config, "steps_offset", 0) or 0))
+        prediction_type = str(getattr(scheduler.config, "prediction_type", "epsilon") or "epsilon")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported; use one of "
+                             f"{PREDICTION_TYPES}")
+        return cls(acp, int(getattr(scheduler.config, "steps_offset", 0) or 0), prediction_type)
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | dict) -> DiffusionSchedule:
@@ -469,6 +477,10 @@ class GuidedEpsFn:
     the unconditional model). ``w > 1`` runs the conditional and unconditional passes in one forward of batch 2B and
     returns ε_u + w (ε_c − ε_u) (Ho & Salimans 2022, Eq. 6 with w ← 1 + w_paper).
 
+    A network trained to predict v = √ᾱ_t ε − √(1−ᾱ_t) x_0 (``prediction_type="v_prediction"``) has its (guided) output
+    turned into ε = √ᾱ_t v + √(1−ᾱ_t) x_t, so the samplers always receive ε. The map is affine in the output with
+    the same x_t for both passes, so guiding v and then converting equals converting and then guiding ε.
+
     Attributes:
         evals_per_call: network evaluations per sample and call (1 or 2), read by the samplers for NFE.
         forwards_per_call: batched forward passes per call (always 1).
@@ -483,7 +495,15 @@ class GuidedEpsFn:
         uncond: torch.Tensor | None,
         guidance_scale: float,
         autocast_dtype: torch.dtype | None = None,
+        prediction_type: str = "epsilon",
+        alphas_cumprod: torch.Tensor | None = None,
     ) -> None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if prediction_type != "epsilon" and alphas_cumprod is None:
+            raise ValueError(f"prediction_type {prediction_type!r} needs alphas_cumprod to convert to ε")
+        self.prediction_type = prediction_type
+        self.alphas_cumprod = None if alphas_cumprod is None else _alphas_cumprod(alphas_cumprod)
         self.unet = unet
         self.guidance_scale = float(guidance_scale)
         self.guided = self.guidance_scale > 1.0
@@ -514,6 +534,14 @@ class GuidedEpsFn:
         raise ValueError(f"condition tokens have batch {tokens.shape[0]}, images have batch {b}")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self._network(x, t)
+        if self.prediction_type == "epsilon":
+            return out
+        a = self.alphas_cumprod.to(t.device)[t].to(torch.float32).view(-1, 1, 1, 1)
+        return a.sqrt() * out + (1.0 - a).sqrt() * x.float()
+
+    def _network(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The (guided) network output, fp32."""
         b = x.shape[0]
         tokens = self._batch(self.cond, b)
         if self.guided:
@@ -545,6 +573,8 @@ def make_cfg_eps_fn(
     guidance_scale: float,
     *,
     autocast_dtype: torch.dtype | None = None,
+    prediction_type: str = "epsilon",
+    alphas_cumprod: torch.Tensor | DiffusionSchedule | None = None,
 ) -> GuidedEpsFn:
     """An ``eps_fn`` for the samplers from a diffusers ``UNet2DConditionModel`` and condition tokens.
 
@@ -557,11 +587,15 @@ def make_cfg_eps_fn(
             size 2B per call and ε_u + w (ε_c − ε_u).
         autocast_dtype: run the network under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``); the
             returned ε is always fp32.
+        prediction_type: the network's output, ``"epsilon"`` or ``"v_prediction"`` (then converted to ε, which needs
+            ``alphas_cumprod``); a :class:`DiffusionSchedule` passed as ``alphas_cumprod`` carries its own type.
 
     Returns:
         A callable :class:`GuidedEpsFn` that also counts its forwards and evaluations.
     """
-    return GuidedEpsFn(unet, cond, uncond, guidance_scale, autocast_dtype)
+    if isinstance(alphas_cumprod, DiffusionSchedule):
+        prediction_type = alphas_cumprod.prediction_type
+    return GuidedEpsFn(unet, cond, uncond, guidance_scale, autocast_dtype, prediction_type, alphas_cumprod)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

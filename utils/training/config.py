@@ -57,6 +57,11 @@ class TrainConfig:
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank, i.e. scale 1).", group="model")
     gradient_checkpointing: bool = _opt(False, "Recompute UNet activations in the backward pass to save memory.",
                                         group="model")
+    prediction_type: str = _opt(
+        "epsilon", "What the UNet predicts when trained from scratch: 'epsilon' (the released model, Ho et al. 2020) "
+        "or 'v_prediction' (Salimans & Ho 2022; its x0 estimate at high noise is far better for small training "
+        "budgets). Saved in scheduler/scheduler_config.json and read by the samplers. Fine-tuning keeps the released "
+        "model's type.", ("epsilon", "v_prediction"), group="model")
 
     # --- data ----------------------------------------------------------------------------------------------------
     data_root: str = _opt("./fastmri", "Root of the preprocessed slices ({anatomy}_mvue_{crop}_{split}/...).",
@@ -224,6 +229,8 @@ def check_config(config: TrainConfig) -> None:
         problems.append("give at least one of --mri_metadata_dir_brain / --mri_metadata_dir_knee")
     if config.use_lora and not config.pretrained_model_name_or_path:
         problems.append("--use_lora adapts the released UNet: give --pretrained_model_name_or_path")
+    if config.pretrained_model_name_or_path and config.prediction_type != "epsilon":
+        problems.append("--prediction_type applies to training from scratch; the released model predicts epsilon")
     if config.enable_condition_emb and not config.metadata_stats:
         problems.append("--enable_condition_emb needs --metadata_stats")
     if config.unconditional and (config.text_encoder_type != "none" or config.enable_condition_emb):

@@ -68,3 +68,21 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
     """``x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε`` (Ho et al. Eq. 4), computed in fp32; shapes ``[B,C,H,W]``, ``t`` ``[B]``."""
     a = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps].view(-1, *([1] * (x0.ndim - 1)))
     return (a.sqrt() * x0.float() + (1.0 - a).sqrt() * noise.float()).to(x0.dtype)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def prediction_target(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+                      prediction_type: str) -> torch.Tensor:
+    """What the network is trained to output, in fp32.
+
+    ``epsilon``: the noise ε (Ho et al. 2020, Eq. 14). ``v_prediction``: v = √ᾱ_t ε − √(1−ᾱ_t) x_0 (Salimans & Ho 2022,
+    "Progressive distillation", Sec. 4), whose x_0 estimate √ᾱ_t x_t − √(1−ᾱ_t) v stays bounded as ᾱ_t → 0.
+    """
+    if prediction_type == "epsilon":
+        return noise.float()
+    if prediction_type == "v_prediction":
+        a = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps].view(-1, *([1] * (x0.ndim - 1)))
+        return a.sqrt() * noise.float() - (1.0 - a).sqrt() * x0.float()
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")

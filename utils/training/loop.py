@@ -37,7 +37,7 @@ from utils.training.checkpointing import (
 )
 from utils.training.config import ConfigError, OODTrainConfig, TrainConfig
 from utils.training.data import TrainBatch, build_training_data, make_dataloader, updates_per_epoch
-from utils.training.diffusion import add_noise, sample_timesteps, step_generator
+from utils.training.diffusion import PREDICTION_TYPES, add_noise, prediction_target, sample_timesteps, step_generator
 from utils.training.ema import EMA
 from utils.training.export import save_inference_snapshot
 from utils.training.model import ConditionedDenoiser, build_components
@@ -70,8 +70,9 @@ def training_loss(
     alphas_cumprod: torch.Tensor,
     generator: torch.Generator,
     ood_t_min: int | None = None,
+    prediction_type: str = "epsilon",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DDPM ε-prediction loss of one micro-batch (Ho et al. 2020, Eq. 14).
+    """DDPM loss of one micro-batch: MSE to ε (Ho et al. 2020, Eq. 14) or to v (Salimans & Ho 2022).
 
     Args:
         model: the (possibly DDP-wrapped) :class:`ConditionedDenoiser`.
@@ -79,6 +80,7 @@ def training_loss(
         alphas_cumprod: ᾱ ``[T]``.
         generator: CPU generator for timesteps, noise and condition dropout (drawn in this order).
         ood_t_min: restrict OOD samples to ``t >= ood_t_min`` (None: no OOD handling).
+        prediction_type: ``"epsilon"`` or ``"v_prediction"`` (see :func:`prediction_target`).
 
     Returns:
         ``(loss, timesteps)``: scalar fp32 MSE and the ``[B]`` timesteps used.
@@ -92,8 +94,8 @@ def training_loss(
         raise RuntimeError(f"OOD sample drew a timestep below --ood_t_min {ood_t_min}")  # guards the contract
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
     x_t = add_noise(x0, noise, t, alphas_cumprod)
-    eps = model(x_t, t, batch.records, batch.prompts, generator=generator)
-    return F.mse_loss(eps.float(), noise), t
+    out = model(x_t, t, batch.records, batch.prompts, generator=generator)
+    return F.mse_loss(out.float(), prediction_target(x0, noise, t, alphas_cumprod, prediction_type)), t
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -209,8 +211,9 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
     components = build_components(config)
     data = build_training_data(config, components.metadata_stats)
     scheduler = components.scheduler
-    if scheduler.config.prediction_type != "epsilon":
-        raise ConfigError(f"the scheduler predicts {scheduler.config.prediction_type!r}; this trains ε-prediction")
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"the scheduler predicts {prediction_type!r}; training supports {PREDICTION_TYPES}")
     num_t = int(scheduler.config.num_train_timesteps)
     is_ood = isinstance(config, OODTrainConfig) and config.use_ood
     if is_ood and not 0 <= config.ood_t_min < num_t:
@@ -290,7 +293,7 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
         for batch_index, batch in enumerate(epoch_loader, start=skip):
             gen = step_generator(config.seed, epoch, batch_index, accelerator.process_index)
             with accelerator.accumulate(model):
-                loss, timesteps = training_loss(model, batch, alphas_cumprod, gen, ood_t_min)
+                loss, timesteps = training_loss(model, batch, alphas_cumprod, gen, ood_t_min, prediction_type)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -359,7 +362,7 @@ def _validate(accelerator, config, unwrapped, ema, params, items, alphas_cumprod
                 unwrapped.unet, unwrapped.conditioner, items, alphas_cumprod,
                 mask_type=config.validation_mask_type, acc_factor=config.validation_acc_factor,
                 num_steps=config.validation_inference_steps, autocast_dtype=_autocast_dtype(accelerator),
-                device=accelerator.device,
+                device=accelerator.device, prediction_type=config.prediction_type,
             )
         accelerator.log({f"val/{k}_fastmri": v for k, v in result.metrics.items()}, step=step)
         accelerator.print(f"step {step} validation (fastMRI protocol, per slice): "

@@ -98,7 +98,7 @@ def build_components(config: TrainConfig) -> Components:
             raise ConfigError(f"--unet_config: {err}") from err
         # The released model's schedule: DDPM, 1000 steps, linear betas 1e-4 .. 0.02 (diffusers' defaults).
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                                  prediction_type="epsilon", clip_sample=False)
+                                  prediction_type=config.prediction_type, clip_sample=False)
     dim = condition_dim(unet)
     levels = 2 ** (len(unet.config.block_out_channels) - 1)
     if config.resolution % levels:

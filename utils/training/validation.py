@@ -49,6 +49,7 @@ def run_validation(
     cg_iter: int = 5,
     autocast_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    prediction_type: str = "epsilon",
 ) -> ValidationResult:
     """Reconstruct ``items`` (one at a time: coil counts may differ) and score them.
 
@@ -60,6 +61,7 @@ def run_validation(
         mask_type, acc_factor: the retrospective undersampling (seeded from file and slice).
         num_steps, eta, gamma, cg_iter: DDS settings (few steps: this is a progress signal, not the evaluation).
         autocast_dtype: run the network under autocast (the run's mixed precision).
+        prediction_type: the network's output (``"epsilon"`` or ``"v_prediction"``).
         device: where the work runs.
 
     Returns:
@@ -82,7 +84,8 @@ def run_validation(
             op = SenseOperator(maps, mask)
             y = op.forward(x_true)
             cond = conditioner.build([item.record], [item.prompt])
-            eps_fn = make_cfg_eps_fn(unet, cond, None, 1.0, autocast_dtype=autocast_dtype)
+            eps_fn = make_cfg_eps_fn(unet, cond, None, 1.0, autocast_dtype=autocast_dtype,
+                                     prediction_type=prediction_type, alphas_cumprod=alphas_cumprod)
             gen = torch.Generator(device=torch.device(device)).manual_seed(seed)
             recon = dds_sample(eps_fn, op, y, alphas_cumprod, num_steps=num_steps, eta=eta, gamma=gamma,
                                cg_iter=cg_iter, generators=[gen])
