@@ -28,6 +28,23 @@ def _phantom(rng: np.random.Generator, size: int) -> np.ndarray:
     return img.astype(np.complex64)
 
 
+def shepp_logan_variant(rng: np.random.Generator, size: int) -> np.ndarray:
+    """One member of a narrow family: Shepp-Logan with jittered ellipse intensities, sizes and positions and a smooth
+    random phase (sharp edges, so zero-filling aliases; a learned prior of the family can fill the missing lines).
+    Normalised so the 99th percentile of the magnitude is 1."""
+    from sigpy import sim
+
+    amps = np.asarray(sim.sl_amps, float)
+    amps[2:] *= rng.uniform(0.5, 1.5, amps.size - 2)
+    scales = np.asarray(sim.sl_scales, float) * rng.uniform(0.9, 1.1, (len(sim.sl_scales), 1))
+    offsets = np.asarray(sim.sl_offsets, float) + rng.uniform(-0.04, 0.04, (len(sim.sl_offsets), 1)) * [1, 1, 0]
+    img = sim.phantom((size, size), amps, scales, offsets, sim.sl_angles, np.complex128)
+    yy, xx = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    img = img * np.exp(1j * (rng.uniform(-np.pi, np.pi) + rng.uniform(-1, 1) * xx + rng.uniform(-1, 1) * yy))
+    img /= np.percentile(np.abs(img), 99)
+    return img.astype(np.complex64)
+
+
 def _maps(coils: int, size: int) -> np.ndarray:
     yy, xx = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
     maps = np.stack([np.exp(-((xx - np.cos(a)) ** 2 + (yy - np.sin(a)) ** 2)) * np.exp(1j * a)
@@ -37,8 +54,10 @@ def _maps(coils: int, size: int) -> np.ndarray:
 
 def write_tiny_dataset(root: str | Path, anatomy: str = "brain", split: str = "train", num_files: int = 2,
                        slices_per_file: int = 4, crop: int = 32, coils: int = 2, seed: int = 0,
-                       wrong_size_slice: bool = False) -> Path:
-    """Write slices + maps + CSV; returns the CSV path. ``wrong_size_slice`` makes the last slice ``crop+8`` wide."""
+                       wrong_size_slice: bool = False, phantom: str = "blobs") -> Path:
+    """Write slices + maps + CSV; returns the CSV path. ``wrong_size_slice`` makes the last slice ``crop+8`` wide;
+    ``phantom`` is ``"blobs"`` (smooth random blobs) or ``"shepp_logan"`` (:func:`shepp_logan_variant`)."""
+    make_image = {"blobs": _phantom, "shepp_logan": shepp_logan_variant}[phantom]
     root = Path(root)
     rng = np.random.default_rng(seed)
     ds_dir = dataset_dir(root, anatomy, crop, split)
@@ -52,7 +71,7 @@ def write_tiny_dataset(root: str | Path, anatomy: str = "brain", split: str = "t
             img_path, map_path = slice_paths(ds_dir, name, s)
             img_path.parent.mkdir(parents=True, exist_ok=True)
             map_path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(img_path, _phantom(rng, size))
+            np.save(img_path, make_image(rng, size))
             np.save(map_path, _maps(coils, size))
             row = {"anatomy": anatomy, "filename": name, "slice": s, "contrast": contrast,
                    "pathology": ["Edema"] if (f + s) % 3 == 0 else [], "sequence": "TurboSpinEcho",
