@@ -38,7 +38,7 @@ class DemoConfig:
     crop_size: int = 48
     cardiac_volumes: int = 2
     unet_config: str = "compact"  # configs/unet/{name}.json: ~0.9 M parameters, 2.6x cheaper per step than small.json
-    train_steps: int = 800
+    train_steps: int = 1000
     batch_size: int = 8
     learning_rate: float = 1e-3
     lr_scheduler: str = "cosine"  # after 20 warm-up steps
