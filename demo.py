@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""The main job on physics-simulated data, end to end on a CPU (about 20 minutes on 2 cores).
+"""The main job on physics-simulated data, end to end on a CPU (about 17-18 minutes on 2 cores).
 
 Simulates a small brain set (fastMRI h5, split by subject) and a small cardiac set (CMRxRecon .mat), preprocesses them
 with the real scripts, trains an unconditioned, a text-conditioned (ContextMRI-style) and a fine-grained metadata
 model at equal budget, reconstructs held-out slices at 4x and 8x with the same masks for every method, and prints the
-results table with a metadata-sensitivity and an uncertainty-calibration check. Interrupted runs resume.
+results table with a metadata-sensitivity check, a paired per-slice comparison and an uncertainty-calibration check.
+Interrupted runs resume.
 
     python demo.py --output_dir demo_output
     python demo.py --output_dir /tmp/quick --quick      # a 3-minute smoke run (numbers meaningless)

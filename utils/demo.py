@@ -51,7 +51,7 @@ class DemoConfig:
     mask_type: str = "uniform1d"
     max_val_slices: int = 20
     seed: int = 0
-    parallel: int = 3  # scripts run side by side; the small models are dispatch-bound, so 3 x 1 thread beats 1 x 2
+    parallel: int = 3  # scripts side by side: small models scale poorly over threads; 3 x 1 thread beat 1 x 2
     threads: int = 1
     methods: tuple[str, ...] = ("unconditioned", "text", "fine-grained")
     log: list[str] = field(default_factory=list)
