@@ -28,3 +28,12 @@ def repo_root() -> Path:
 def test_data_dir() -> Path:
     """Small real files copied from ../shared/real so the repository stands alone."""
     return REPO_ROOT / "tests" / "data"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (small models run fastest so on 2 shared cores); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

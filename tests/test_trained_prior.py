@@ -12,19 +12,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.training_helpers import write_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _rows(folder: Path) -> dict[tuple[str, int], dict]:

@@ -42,14 +42,6 @@ def assets(tmp_path_factory):
     return {"root": root, "csv": csv, "ckpt": ckpt}
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _base_args(assets, out, *extra) -> list[str]:
     return ["--pretrained_model_name_or_path", str(assets["ckpt"]), "--data_root", str(assets["root"]),
             "--mri_metadata_dir_brain", str(assets["csv"]["brain"]), "--resolution", "32", "--train_batch_size", "2",
