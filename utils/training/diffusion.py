@@ -11,6 +11,8 @@ import hashlib
 
 import torch
 
+from utils.samplers import PREDICTION_TYPES
+
 
 def step_generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded from ``(seed, *keys)`` (e.g. step, micro-step, process index).
@@ -69,8 +71,6 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
     a = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps].view(-1, *([1] * (x0.ndim - 1)))
     return (a.sqrt() * x0.float() + (1.0 - a).sqrt() * noise.float()).to(x0.dtype)
 
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def prediction_target(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
