@@ -59,8 +59,8 @@ class TrainConfig:
                                         group="model")
     prediction_type: str = _opt(
         "epsilon", "What the UNet predicts when trained from scratch: 'epsilon' (the released model, Ho et al. 2020) "
-        "or 'v_prediction' (Salimans & Ho 2022; its x0 estimate at high noise is far better for small training "
-        "budgets). Saved in scheduler/scheduler_config.json and read by the samplers. Fine-tuning keeps the released "
+        "or 'v_prediction' (Salimans & Ho 2022; a far better x0 estimate at high noise, though on the demo's CPU "
+        "budget its final samples were not better). Saved in scheduler/scheduler_config.json and read by the samplers. Fine-tuning keeps the released "
         "model's type.", ("epsilon", "v_prediction"), group="model")
 
     # --- data ----------------------------------------------------------------------------------------------------
