@@ -9,12 +9,17 @@ Missing values stay missing (``None``); nothing is invented.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from utils.files import write_json
+
+logger = logging.getLogger(__name__)
 
 #: Columns of the reference metadata CSV (ContextMRI / Metadata Matters), in their order.
 REFERENCE_COLUMNS = ["anatomy", "filename", "slice", "contrast", "pathology", "sequence", "TR", "TE", "TI", "flip_angle"]
@@ -71,30 +76,102 @@ def parse_pathology(value: Any) -> list[str]:
     return [label for label in labels if label and not is_missing(label)]
 
 
+#: Plausible ranges ``(low, high, low_exclusive)`` of numeric columns (times in ms, angles in degrees, field in T,
+#: FOV in mm). A value outside its range cannot be a real acquisition parameter (a TR of -1e30 ms, a 300 T magnet), so
+#: it is read as missing (with a warning per file and column) rather than stretching the stats range or a prompt.
+NUMERIC_RANGES: dict[str, tuple[float, float, bool]] = {
+    "TR": (0.0, 1e5, False),
+    "TE": (0.0, 1e4, False),
+    "TI": (0.0, 1e5, False),
+    "flip_angle": (0.0, 360.0, False),
+    "field_strength": (0.0, 20.0, True),
+    "num_coils": (1.0, 1024.0, False),
+    "matrix_x": (1.0, 1e5, False),
+    "matrix_y": (1.0, 1e5, False),
+    "fov_x": (0.0, 1e4, True),
+    "fov_y": (0.0, 1e4, True),
+    "slice": (0.0, 1e6, False),
+    "slice_number": (0.0, 1e6, False),
+    "frame": (0.0, 1e6, False),
+    "file_index": (0.0, 1e6, False),
+}
+
+
 def _to_float(value: Any) -> float | None:
+    """A finite float, or ``None`` for missing, unparsable (``"abc"``) and non-finite (NaN, ±inf) values."""
     if is_missing(value):
         return None
     try:
         out = float(value)
     except (TypeError, ValueError):
         return None
-    return None if math.isnan(out) else out
+    return out if math.isfinite(out) else None
+
+
+def clean_number(key: str, value: Any) -> tuple[float | None, str | None]:
+    """Parse a numeric metadata value and check it against :data:`NUMERIC_RANGES`.
+
+    Returns:
+        ``(number, problem)``: ``number`` is a finite in-range float or ``None``; ``problem`` says why a value that was
+        present was dropped (``None`` when the value was fine or simply missing).
+    """
+    if is_missing(value):
+        return None, None
+    number = _to_float(value)
+    if number is None:
+        return None, f"{value!r} is not a finite number"
+    if key in NUMERIC_RANGES:
+        low, high, low_open = NUMERIC_RANGES[key]
+        if number > high or number < low or (low_open and number == low):
+            return None, f"{value!r} is outside the plausible range {'(' if low_open else '['}{low:g}, {high:g}]"
+    return number, None
+
+
+def clean_numbers(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``values`` with every numeric column (:data:`NUMERIC_COLUMNS`) passed through :func:`clean_number`.
+
+    Returns:
+        ``(cleaned copy, problems)``: one ``"{key}: {why} -> missing"`` line per dropped value.
+    """
+    out = dict(values)
+    problems = []
+    for key, value in values.items():
+        if key in NUMERIC_COLUMNS:
+            out[key], problem = clean_number(key, value)
+            if problem is not None:
+                problems.append(f"{key}: {problem} -> missing")
+    return out, problems
 
 
 def record_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Turn one CSV row (a mapping of column -> raw value) into a typed record."""
+    """Turn one CSV row (a mapping of column -> raw value) into a typed record.
+
+    Numeric columns that are unparsable, non-finite or implausible (:func:`clean_number`) become ``None``;
+    :func:`load_metadata_csv` warns about them once per file and column.
+    """
     record: dict[str, Any] = {}
     for key, value in row.items():
         if key in MULTI_LABEL_COLUMNS:
             record[key] = parse_pathology(value)
         elif key in NUMERIC_COLUMNS:
-            record[key] = _to_float(value)
+            record[key] = clean_number(key, value)[0]
         else:
             record[key] = None if is_missing(value) else str(value).strip()
     record.setdefault("pathology", [])
     if "slice" in record:
         record["slice_number"] = record["slice"]
     return record
+
+
+def numeric_problems(df: pd.DataFrame) -> dict[str, list[str]]:
+    """Column -> the distinct raw values of a metadata table that :func:`record_from_row` will read as missing."""
+    out: dict[str, list[str]] = {}
+    for key in df.columns:
+        if key in NUMERIC_COLUMNS:
+            bad = sorted({str(v) for v in df[key] if clean_number(key, v)[1] is not None})
+            if bad:
+                out[key] = bad
+    return out
 
 
 def load_metadata_csv(path: str | Path) -> pd.DataFrame:
@@ -108,6 +185,9 @@ def load_metadata_csv(path: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path}: metadata CSV lacks required column(s) {sorted(missing)}")
     if df.empty:
         raise ValueError(f"{path}: metadata CSV has no rows")
+    for key, bad in numeric_problems(df).items():  # one line per file and column, not per row
+        shown = ", ".join(repr(v) for v in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        logger.warning("%s: column %s: unusable value(s) %s read as missing", path, key, shown)
     return df
 
 
@@ -157,17 +237,25 @@ def compute_metadata_stats(
     records: Iterable[Mapping[str, Any]],
     categorical_keys: Iterable[str] = DEFAULT_CATEGORICAL_KEYS,
     numerical_keys: Iterable[str] = DEFAULT_NUMERICAL_KEYS,
+    problems: list[str] | None = None,
 ) -> dict[str, Any]:
     """Build a ``metadata_stats.json`` dict: sorted vocabularies for categorical keys, ``{min, max}`` for numerical.
 
-    Keys with no observed value are still written (empty vocabulary, or ``min = max = 0``) so the embedder has a slot
-    for them; their values will always map to the learned "empty" embedding.
+    Only finite, plausible numbers (:func:`clean_number`) enter a range, so a stray ``inf`` or ``-1e30`` can never
+    become a bound. Keys with no such value are still written (empty vocabulary, or ``min = max = 0``) so the embedder
+    has a slot for them; their values will always map to the learned "empty" embedding.
+
+    Args:
+        records: metadata records (e.g. :func:`load_records`).
+        categorical_keys, numerical_keys: the keys to describe.
+        problems: if given, receives one line per numerical key with ignored values or with no usable value at all.
     """
     categorical_keys = list(categorical_keys)
     numerical_keys = list(numerical_keys)
     vocab: dict[str, set[str]] = {k: set() for k in categorical_keys}
     lows: dict[str, float] = {}
     highs: dict[str, float] = {}
+    ignored: dict[str, int] = {}
     for record in records:
         for key in categorical_keys:
             value = record.get(key)
@@ -176,7 +264,9 @@ def compute_metadata_stats(
             elif not is_missing(value):
                 vocab[key].add(str(value))
         for key in numerical_keys:
-            value = _to_float(record.get(key))
+            value, problem = clean_number(key, record.get(key))
+            if problem is not None:
+                ignored[key] = ignored.get(key, 0) + 1
             if value is not None:
                 lows[key] = min(lows.get(key, value), value)
                 highs[key] = max(highs.get(key, value), value)
@@ -185,26 +275,48 @@ def compute_metadata_stats(
         stats[key] = sorted(vocab[key])
     for key in numerical_keys:
         stats[key] = {"min": float(lows.get(key, 0.0)), "max": float(highs.get(key, 0.0))}
+        if problems is not None and key in ignored:
+            problems.append(f"{key}: {ignored[key]} non-finite or implausible value(s) ignored")
+        if problems is not None and key not in lows:
+            problems.append(f"{key}: no finite value: written as the empty slot min = max = 0 (always 'missing')")
     return stats
 
 
 def save_metadata_stats(stats: Mapping[str, Any], path: str | Path) -> None:
-    """Write stats as indented JSON."""
-    Path(path).write_text(json.dumps(stats, indent=2) + "\n")
+    """Write stats as indented strict JSON (atomically); refuses a non-finite or inverted bound."""
+    _check_stats(stats, str(path))
+    write_json(path, stats)
 
 
-def load_metadata_stats(path: str | Path) -> dict[str, Any]:
-    """Read and validate a ``metadata_stats.json``: every value is a list or a ``{"min", "max"}`` mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metadata stats file not found: {path}")
-    stats = json.loads(path.read_text())
+def _check_stats(stats: Any, where: str) -> None:
     if not isinstance(stats, dict) or not stats:
-        raise ValueError(f"{path}: expected a non-empty JSON object")
+        raise ValueError(f"{where}: expected a non-empty JSON object")
     for key, value in stats.items():
         ok = isinstance(value, list) or (isinstance(value, dict) and {"min", "max"} <= set(value))
         if not ok:
-            raise ValueError(f"{path}: key {key!r} must map to a vocabulary list or {{'min', 'max'}}, got {value!r}")
+            raise ValueError(f"{where}: key {key!r} must map to a vocabulary list or {{'min', 'max'}}, got {value!r}")
+        if isinstance(value, dict):
+            bounds = [value["min"], value["max"]]
+            # bool is an int subclass; null is what strict JSON writers make of inf/NaN
+            if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds):
+                raise ValueError(f"{where}: key {key!r} has a non-finite or non-numeric bound {value!r}; rebuild the "
+                                 "stats with make_metadata_stats.py")
+            if bounds[0] > bounds[1]:
+                raise ValueError(f"{where}: key {key!r} has min > max ({value!r}); rebuild the stats with "
+                                 "make_metadata_stats.py")
+
+
+def load_metadata_stats(path: str | Path) -> dict[str, Any]:
+    """Read and validate a ``metadata_stats.json``: every value is a list or a ``{"min", "max"}`` mapping with finite
+    bounds ``min <= max`` (an ``inf`` bound would turn every normalised value into NaN from the first step)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metadata stats file not found: {path}")
+    try:
+        stats = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    _check_stats(stats, str(path))
     return stats
 
 
