@@ -4,7 +4,9 @@ Every metadata attribute becomes one token:
 
 * categorical keys (``stats[key]`` is a list, its vocabulary): embedding table -> MLP;
 * multi-label keys (``pathology`` by default, also a list in the stats file): mean of the label embeddings -> MLP;
-  an empty label list ("no pathology") has its own learned row, distinct from "missing";
+  an explicit "no finding" (an empty label list, or a cell such as ``"no finding"``/``"none"``) has its own learned
+  row (the table's last), distinct from *unknown* (``None``, an empty cell: not annotated), which is "missing" and
+  takes the empty embedding like any other missing value;
 * numerical keys (``stats[key]`` is ``{"min", "max"}``): optional ``log1p`` -> clamp to ``[min, max]`` -> normalise
   to ``u in [0, 1]`` -> sinusoidal features with geometric frequencies from ``min_frequency`` to ``max_frequency`` rad
   (default 1 .. 1000) -> MLP.
@@ -39,7 +41,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from utils.metadata import is_missing, parse_pathology
+from utils.metadata import is_missing, parse_pathology_cell
 
 #: Keys embedded after ``log1p`` by default: TR spans two decades (~40 to ~16000 ms), TE ~1.4 to ~130 ms and TI
 #: 100 to 2500 ms, so on a linear scale short-TE/short-TR sequences would be squashed into a sliver of ``[0, 1]``.
@@ -210,7 +212,7 @@ class MetadataConditionEmbedder(ModelMixin, ConfigMixin):
                 self.tables[name] = nn.Embedding(max(1, len(categorical[key])), hidden)
                 self.mlps[name] = _mlp(hidden, hidden, embed_dim)
             elif key in multi_label:
-                # Last row = "no label" (empty list), learned separately from "missing".
+                # Last row = explicit "no finding" (empty label list), learned separately from unknown (missing).
                 self.tables[name] = nn.Embedding(len(multi_label[key]) + 1, hidden)
                 self.mlps[name] = _mlp(hidden, hidden, embed_dim)
             else:
@@ -356,15 +358,15 @@ class MetadataConditionEmbedder(ModelMixin, ConfigMixin):
                     self._warn_once(key, value, "unknown category")
                     missing[i] = True
             hidden = table(idx.to(device))
-        else:  # multi-label: mean of the known label embeddings; [] -> the "no label" row.
+        else:  # multi-label: mean of the known label embeddings; [] ("no finding") -> its own row; None -> empty.
             none_row = len(index)
             weights = torch.zeros(batch, table.num_embeddings)
             for i, value in enumerate(values):
-                if value is None or (isinstance(value, float) and math.isnan(value)):
+                # A CSV cell ("a, b", "", "no finding") is read like utils.metadata does; lists/tuples as they are.
+                labels = parse_pathology_cell(value if isinstance(value, (str, float, type(None))) else list(value))
+                if labels is None:  # not annotated: unknown, not "healthy"
                     missing[i] = True
                     continue
-                # A CSV cell ("a, b") is split like utils.metadata does; lists/tuples are taken as they are.
-                labels = parse_pathology(value if isinstance(value, str) else list(value))
                 if not labels:
                     weights[i, none_row] = 1.0
                     continue
@@ -399,14 +401,18 @@ class MetadataConditionEmbedder(ModelMixin, ConfigMixin):
         drop_keys: Sequence[str] | None = None,
         drop_all: bool = False,
         generator: torch.Generator | None = None,
+        drop_samples: torch.Tensor | None = None,
     ) -> MetadataEmbedding:
         """Embed a batch of metadata records.
 
         Args:
             records: ``B`` dicts keyed like the stats file (absent keys count as missing; extra keys are ignored).
             drop_keys: keys replaced by their empty embedding (inference-time attribute dropout).
-            drop_all: replace every key (the unconditional embedding for classifier-free guidance).
+            drop_all: replace every key (the unconditional embedding for classifier-free guidance); no CFG dropout
+                is drawn then (the generator is not advanced).
             generator: RNG for CFG dropout (training mode with ``cfg_prob > 0`` only).
+            drop_samples: ``[B]`` bool, samples whose every key is replaced (the training-time null condition drawn
+                by :class:`models.conditioning.ConditionBuilder`), on top of the CFG dropout.
 
         Returns:
             :class:`MetadataEmbedding` with ``tokens [B, 1 + K, D]``, ``pooled [B, D]``, ``dropped [B, K]``.
@@ -421,10 +427,16 @@ class MetadataConditionEmbedder(ModelMixin, ConfigMixin):
             raise KeyError(f"drop_keys not in the embedder: {sorted(unknown)} (keys: {self.keys})")
         device, dtype = self.empty.device, self.empty.dtype
 
-        dropped = self._cfg_mask(batch, generator, device)
         if drop_all:
-            dropped = torch.ones_like(dropped)
-        elif drop_keys:
+            dropped = torch.ones(batch, len(self.keys), dtype=torch.bool, device=device)
+        else:
+            dropped = self._cfg_mask(batch, generator, device)
+        if drop_samples is not None:
+            rows = torch.as_tensor(drop_samples, dtype=torch.bool).reshape(-1).to(device)
+            if rows.shape[0] != batch:
+                raise ValueError(f"drop_samples has {rows.shape[0]} entries for a batch of {batch}")
+            dropped = dropped | rows[:, None]
+        if drop_keys and not drop_all:
             cols = torch.tensor([k in set(drop_keys) for k in self.keys], device=device)
             dropped = dropped | cols[None, :]
 

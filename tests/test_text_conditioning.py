@@ -119,7 +119,12 @@ def test_builder_prompts_from_records_and_drop_keys(conditioners, embedder):
     torch.testing.assert_close(from_records, explicit)
     k = 77 + 1 + embedder.keys.index("TE")
     torch.testing.assert_close(dropped[0, k], embedder.empty_tokens()[embedder.keys.index("TE")])
-    torch.testing.assert_close(dropped[0, :k], from_records[0, :k])
+    torch.testing.assert_close(dropped[0, 77:k], from_records[0, 77:k])
+    # a dropped attribute is taken out of the prompt too: the text tokens are those of the prompt without "TE: 33"
+    without_te = build_prompt(RECORD, omit=["TE"])
+    assert "TE:" not in without_te and "TR: 3120" in without_te
+    torch.testing.assert_close(dropped[0, :77], builder.text.encode([without_te])[0])
+    assert not torch.allclose(dropped[0, :77], from_records[0, :77])
 
 
 def test_builder_trains_embedder_and_projection_only(conditioners, test_data_dir):

@@ -19,14 +19,21 @@ class DiffusionReconstructor:
         conditioner: :class:`models.conditioning.ConditionBuilder`.
         schedule: the diffusion schedule (``alphas_cumprod``) the model was trained with.
         sampler: ``"dds"`` or ``"dps"``.
-        num_steps, eta, gamma, cg_iter: DDS settings (REFERENCE.md §1 defaults: 100, 0.8, 5, 5).
+        num_steps, eta, gamma, cg_iter: DDS settings (defaults 100, 0.8, 5, 5, as the reference). ``eta`` is the
+            DDIM η of DPS's update too (the DPS paper's ancestral sampler is ``eta=1``).
         dps_step: DPS step size ζ'.
         guidance_scale: CFG scale ``w`` (``w <= 1``: conditional only).
-        drop_metadata_keys: attributes removed at inference (they get their learned empty embedding).
-        uncond_drop_keys: for ``w > 1``, the attributes the unconditional branch drops (None: all, with the empty
-            prompt); dropping only some gives per-attribute guidance.
+        drop_metadata_keys: attributes removed at inference, everywhere the model reads them (metadata token -> its
+            learned empty embedding, prompt rebuilt without the field).
+        uncond_drop_keys: for ``w > 1``, the attributes the unconditional branch drops (None: the null condition,
+            empty prompt and every key dropped); dropping only some gives per-attribute guidance, for text,
+            metadata and text + metadata models alike.
         autocast_dtype: run the network in this dtype (e.g. ``torch.bfloat16``); data consistency stays fp32.
-        clip_x0: DDS only: limit ``|x̂₀|`` to this value before data consistency (off by default, as the reference).
+        clip_x0: limit ``|x̂₀|`` to this value (off by default, as the reference): before data consistency in DDS,
+            in the DDIM update of DPS.
+
+    Raises:
+        ValueError: a drop key the model cannot read at all (neither a metadata token nor a prompt field).
     """
 
     def __init__(
@@ -58,8 +65,13 @@ class DiffusionReconstructor:
         self.cg_iter = cg_iter
         self.dps_step = dps_step
         self.guidance_scale = guidance_scale
-        self.drop_metadata_keys = list(drop_metadata_keys or [])
-        self.uncond_drop_keys = None if uncond_drop_keys is None else list(uncond_drop_keys)
+        # A key the model cannot read would make an ablation or per-attribute guidance a silent no-op: refuse it.
+        check = getattr(conditioner, "check_drop_keys", None)
+        self.drop_metadata_keys = check(drop_metadata_keys) if check else list(drop_metadata_keys or [])
+        if uncond_drop_keys is None:
+            self.uncond_drop_keys = None
+        else:
+            self.uncond_drop_keys = check(uncond_drop_keys) if check else list(uncond_drop_keys)
         self.autocast_dtype = autocast_dtype
         self.clip_x0 = clip_x0
 
@@ -75,7 +87,7 @@ class DiffusionReconstructor:
             if self.uncond_drop_keys is None:
                 uncond = self.conditioner.unconditional(records)
             else:
-                keys = sorted(set(self.uncond_drop_keys) | set(self.drop_metadata_keys))
+                keys = list(dict.fromkeys([*self.uncond_drop_keys, *self.drop_metadata_keys]))
                 uncond = self.conditioner.build(records, prompts, drop_keys=keys)
         return cond, uncond
 
@@ -98,8 +110,8 @@ class DiffusionReconstructor:
             )
         else:
             x = dps_sample(
-                eps_fn, op, y, self.schedule, num_steps=self.num_steps, step_size=self.dps_step,
-                generators=list(generators), stats=stats,
+                eps_fn, op, y, self.schedule, num_steps=self.num_steps, step_size=self.dps_step, eta=self.eta,
+                generators=list(generators), stats=stats, clip_x0=self.clip_x0,
             )
         return x, stats.nfe
 

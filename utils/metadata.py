@@ -65,15 +65,52 @@ def is_missing(value: Any) -> bool:
     return False
 
 
-def parse_pathology(value: Any) -> list[str]:
-    """Parse a pathology cell (labels joined by ``", "``, or a list) into a list of stripped labels."""
+#: Pathology cells that state an explicit negative finding (compared case-insensitively). Such a cell is "annotated,
+#: nothing found" and has its own learned row in the embedder; an empty or missing cell is "not annotated" (unknown).
+#: In the pathology column ``"none"`` is read as this explicit value, not as missing as in the other columns.
+NO_FINDING_STRINGS = frozenset({"no finding", "no findings", "no pathology", "none"})
+#: The cell value this project writes for an explicit negative finding.
+NO_FINDING = "no finding"
+
+
+def _is_no_finding(text: str) -> bool:
+    return text.strip().lower() in NO_FINDING_STRINGS
+
+
+def parse_pathology_cell(value: Any) -> list[str] | None:
+    """Parse a pathology cell into ``None`` (unknown), ``[]`` (explicit "no finding") or a list of labels.
+
+    * ``None``, NaN, ``""`` and the missing strings (``"null"``, ``"n/a"``, ...) mean *not annotated*: ``None``.
+      Unannotated data (cardiac files, fastMRI without fastMRI+) must not look like a confident "healthy".
+    * a :data:`NO_FINDING_STRINGS` value (``"no finding"``, ``"none"``, ...) means *annotated, nothing found*: ``[]``.
+    * otherwise labels joined by ``", "`` (duplicates kept: the prompt counts them); no-finding words among real
+      labels are dropped. A list or tuple is taken as already parsed (``[]`` = explicit no finding).
+    """
     if isinstance(value, (list, tuple)):
         labels = [str(v).strip() for v in value]
-    elif is_missing(value):
+        return [label for label in labels if label and not is_missing(label) and not _is_no_finding(label)]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    if _is_no_finding(text):
         return []
-    else:
-        labels = [part.strip() for part in str(value).split(",")]
-    return [label for label in labels if label and not is_missing(label)]
+    if is_missing(text):
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    if any(_is_no_finding(p) for p in parts if p):
+        labels = [p for p in parts if p and not is_missing(p) and not _is_no_finding(p)]
+        return labels
+    labels = [p for p in parts if p and not is_missing(p)]
+    return labels or None
+
+
+def parse_pathology(value: Any) -> list[str]:
+    """The labels of a pathology cell or list (``[]`` both for "unknown" and for "no finding").
+
+    For label sets (vocabularies, validation); use :func:`parse_pathology_cell` where unknown and "no finding" must
+    stay apart.
+    """
+    return parse_pathology_cell(value) or []
 
 
 #: Plausible ranges ``(low, high, low_exclusive)`` of numeric columns (times in ms, angles in degrees, field in T,
@@ -152,12 +189,12 @@ def record_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
     record: dict[str, Any] = {}
     for key, value in row.items():
         if key in MULTI_LABEL_COLUMNS:
-            record[key] = parse_pathology(value)
+            record[key] = parse_pathology_cell(value)
         elif key in NUMERIC_COLUMNS:
             record[key] = clean_number(key, value)[0]
         else:
             record[key] = None if is_missing(value) else str(value).strip()
-    record.setdefault("pathology", [])
+    record.setdefault("pathology", None)  # no pathology column: not annotated (unknown), not "no finding"
     if "slice" in record:
         record["slice_number"] = record["slice"]
     return record
@@ -200,37 +237,83 @@ def _fmt_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def build_prompt(record: Mapping[str, Any], include_sequence: bool = True) -> str:
+#: Metadata keys the ContextMRI prompt can state, in prompt order (``slice`` is accepted for ``slice_number``).
+PROMPT_FIELDS: tuple[str, ...] = ("anatomy", "slice_number", "contrast", "pathology", "sequence", "TR", "TE", "TI",
+                                  "flip_angle")
+_FIELD_ALIASES = {"slice": "slice_number"}
+
+
+def prompt_field(key: str) -> str | None:
+    """The :data:`PROMPT_FIELDS` name of a metadata key (``"slice"`` -> ``"slice_number"``), or ``None``."""
+    key = _FIELD_ALIASES.get(key, key)
+    return key if key in PROMPT_FIELDS else None
+
+
+def build_prompt(
+    record: Mapping[str, Any], include_sequence: bool = True, omit: Iterable[str] = ()
+) -> str:
     """The ContextMRI text prompt of a record.
 
     Template: ``"{anatomy}, Slice {slice}, {contrast}"``, then ``", Pathology: {n} {label}, ..."`` if any label (``n``
-    counts the annotations of that label on the slice), then ``", Sequence: {seq}, TR: {TR}, TE: {TE}, TI: {TI},
-    Flip angle: {fa}"`` when ``include_sequence``. Missing items are left out rather than written as ``nan``.
+    counts the annotations of that label on the slice; an explicit "no finding" record says ``", Pathology: none"``;
+    an unknown pathology says nothing), then ``", Sequence: {seq}, TR: {TR}, TE: {TE}, TI: {TI}, Flip angle: {fa}"``
+    when ``include_sequence``. Missing items are left out rather than written as ``nan``.
+
+    Args:
+        record: a metadata record (:func:`record_from_row`).
+        include_sequence: write the sequence part.
+        omit: metadata keys left out of the prompt as if they were missing (a dropped attribute must not be readable
+            from the text): any of :data:`PROMPT_FIELDS` (``"slice"`` counts as ``"slice_number"``); other keys are
+            ignored. Omitting every field gives ``""``, the unconditional prompt.
 
     Example: ``knee, Slice 20, PDFS, Sequence: TurboSpinEcho, TR: 3120, TE: 33, TI: 100, Flip angle: 140``.
     """
+    skip = {prompt_field(k) for k in omit} - {None}
     parts: list[str] = []
-    if not is_missing(record.get("anatomy")):
+    if "anatomy" not in skip and not is_missing(record.get("anatomy")):
         parts.append(str(record["anatomy"]))
     slice_value = record.get("slice", record.get("slice_number"))
-    if _to_float(slice_value) is not None:
+    if "slice_number" not in skip and _to_float(slice_value) is not None:
         parts.append(f"Slice {_fmt_number(float(slice_value))}")
-    if not is_missing(record.get("contrast")):
+    if "contrast" not in skip and not is_missing(record.get("contrast")):
         parts.append(str(record["contrast"]))
-    labels = parse_pathology(record.get("pathology"))
+    labels = None if "pathology" in skip else parse_pathology_cell(record.get("pathology"))
     if labels:
         counts: dict[str, int] = {}
         for label in labels:
             counts[label] = counts.get(label, 0) + 1
         parts.append("Pathology: " + ", ".join(f"{n} {label}" for label, n in counts.items()))
+    elif labels == []:
+        parts.append("Pathology: none")
     if include_sequence:
-        if not is_missing(record.get("sequence")):
+        if "sequence" not in skip and not is_missing(record.get("sequence")):
             parts.append(f"Sequence: {record['sequence']}")
         for key, name in (("TR", "TR"), ("TE", "TE"), ("TI", "TI"), ("flip_angle", "Flip angle")):
             value = _to_float(record.get(key))
-            if value is not None:
+            if key not in skip and value is not None:
                 parts.append(f"{name}: {_fmt_number(value)}")
     return ", ".join(parts)
+
+
+def rebuild_prompt(prompt: str, record: Mapping[str, Any], omit: Iterable[str]) -> str:
+    """``prompt`` with the fields ``omit`` taken out, rebuilt from ``record``.
+
+    ``prompt`` must be the record's own prompt, with or without the sequence part (what :class:`utils.data.
+    MRISliceDataset` gives), or ``""``; the same variant is rebuilt without the omitted fields.
+
+    Raises:
+        ValueError: a prompt that is not built from ``record`` (its fields cannot be located to remove them).
+    """
+    omit = list(omit)
+    if prompt == "" or not {prompt_field(k) for k in omit} - {None}:
+        return prompt
+    for include_sequence in (True, False):
+        if prompt == build_prompt(record, include_sequence):
+            return build_prompt(record, include_sequence, omit=omit)
+    raise ValueError(
+        f"cannot remove {sorted(omit)} from the prompt {prompt!r}: it is not the ContextMRI prompt of its record "
+        "(build prompts with utils.metadata.build_prompt, or pass prompts=None to build them from the records)"
+    )
 
 
 def compute_metadata_stats(
