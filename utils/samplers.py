@@ -78,17 +78,32 @@ def make_timesteps(
             ``"uniform"`` — ``floor(i * T / num_steps)``, identical to ``"leading"`` when ``num_steps`` divides ``T``
             but covering the whole range otherwise; ``"trailing"`` — ``round(T - i * T / num_steps) - 1`` (ends at
             ``T - 1``, diffusers' "trailing"); ``"linspace"`` — ``round(linspace(0, T - 1, num_steps))``.
-        steps_offset: added to every timestep (diffusers' ``steps_offset``; ``"leading"`` only, as in diffusers).
+        steps_offset: diffusers' ``steps_offset``, applied the way ``DDIMScheduler.set_timesteps`` applies it: added
+            to every ``"leading"`` timestep (T=1000, 100 steps, offset 1: 991, 981, …, 1), not used by
+            ``"trailing"``/``"linspace"`` (diffusers ignores it there too); ``"uniform"`` (ours, no diffusers
+            counterpart) refuses an offset other than 0.
 
     Returns:
         ``[num_steps]`` long tensor, strictly decreasing, values in ``[0, T)``.
+
+    Raises:
+        ValueError: bad ``num_steps``/``spacing``, a negative offset, an offset with ``"uniform"``, or an offset that
+            pushes a timestep to ``T`` or beyond.
     """
     t_max = int(num_train_timesteps)
     n = int(num_steps)
     if not 1 <= n <= t_max:
         raise ValueError(f"num_steps must be in [1, {t_max}], got {num_steps}")
+    offset = int(steps_offset)
+    if offset != steps_offset or offset < 0:
+        raise ValueError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
+    if offset and spacing == "uniform":
+        raise ValueError(f"steps_offset {offset} is not defined for 'uniform' spacing (diffusers applies it to "
+                         "'leading' only): use spacing 'leading' or a scheduler config with steps_offset 0")
+    if spacing == "leading" and (n - 1) * (t_max // n) + offset >= t_max:
+        raise ValueError(f"steps_offset {offset} with {n} 'leading' steps over T={t_max} gives a timestep >= {t_max}")
     if spacing == "leading":
-        ts = torch.arange(n, dtype=torch.float64) * (t_max // n) + steps_offset
+        ts = torch.arange(n, dtype=torch.float64) * (t_max // n) + offset
     elif spacing == "uniform":
         ts = torch.floor(torch.arange(n, dtype=torch.float64) * t_max / n)
     elif spacing == "trailing":
@@ -173,9 +188,14 @@ def _alphas_cumprod(alphas_cumprod: torch.Tensor | DiffusionSchedule) -> torch.T
     return acp
 
 
-def _resolve_timesteps(acp: torch.Tensor, num_steps: int, timesteps: Sequence[int] | torch.Tensor | None) -> list[int]:
+def _resolve_timesteps(
+    alphas_cumprod: torch.Tensor | DiffusionSchedule, acp: torch.Tensor, num_steps: int,
+    timesteps: Sequence[int] | torch.Tensor | None,
+) -> list[int]:
+    """Explicit timesteps (checked), or ``"leading"`` ones with the schedule's ``steps_offset``."""
     if timesteps is None:
-        return make_timesteps(acp.shape[0], num_steps).tolist()
+        offset = alphas_cumprod.steps_offset if isinstance(alphas_cumprod, DiffusionSchedule) else 0
+        return make_timesteps(acp.shape[0], num_steps, "leading", offset).tolist()
     ts = [int(t) for t in torch.as_tensor(timesteps).flatten().tolist()]
     if not ts or any(not 0 <= t < acp.shape[0] for t in ts) or any(a <= b for a, b in zip(ts[:-1], ts[1:])):
         raise ValueError(f"timesteps must be strictly decreasing values in [0, {acp.shape[0]}), got {ts}")
@@ -330,8 +350,9 @@ def dds_sample(
             ``evals_per_call``/``forwards_per_call`` (see :class:`GuidedEpsFn`) for NFE counting.
         op: SENSE operator for the batch (``forward``, ``adjoint``, ``normal``).
         y: measured k-space ``[B, C, H, W]`` complex (zero off the mask; the adjoint masks it anyway).
-        alphas_cumprod: ᾱ ``[T]`` or a :class:`DiffusionSchedule`.
-        num_steps: sampling steps (timesteps from ``"leading"`` spacing; 100 over T=1000 gives 990, 980, …, 0).
+        alphas_cumprod: ᾱ ``[T]`` or a :class:`DiffusionSchedule` (whose ``steps_offset`` shifts the timesteps).
+        num_steps: sampling steps (timesteps from ``"leading"`` spacing; 100 over T=1000 gives 990, 980, …, 0, or
+            991, …, 1 with a schedule's ``steps_offset`` of 1, as diffusers' DDIMScheduler).
         eta: DDIM stochasticity η (0 = deterministic).
         gamma: data-consistency weight γ, a scalar or one per sample ``[B]``.
         cg_iter: CG iterations per step (0 disables data consistency: plain DDIM).
@@ -352,7 +373,7 @@ def dds_sample(
     stats = SamplerStats() if stats is None else stats
     start = time.perf_counter()
     acp = _alphas_cumprod(alphas_cumprod)
-    ts = _resolve_timesteps(acp, num_steps, timesteps)
+    ts = _resolve_timesteps(alphas_cumprod, acp, num_steps, timesteps)
     b, (h, w), device = y.shape[0], y.shape[-2:], y.device
     gens = _generator_list(generators, b, device)
 
@@ -404,6 +425,7 @@ def dps_sample(
     x_T: torch.Tensor | None = None,
     callback: Callback | None = None,
     stats: SamplerStats | None = None,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
     """Diffusion Posterior Sampling (Chung, Kim, Mccann, Klasky & Ye, ICLR 2023), the classic ~1000-NFE baseline.
 
@@ -419,8 +441,12 @@ def dps_sample(
         eps_fn, op, y, alphas_cumprod, timesteps, generators, x_T, stats: as in :func:`dds_sample`.
         num_steps: sampling steps (default 1000 = every training timestep).
         step_size: ζ', a scalar or one per sample ``[B]``.
-        eta: DDIM η of the underlying update (1.0 = DDPM ancestral sampling, as in the paper).
-        callback: ``callback(i, t, x_t, x0_hat)`` with the network's denoised estimate x̂₀.
+        eta: DDIM η of the underlying update (1.0 = DDPM ancestral sampling, as in the paper; 0 = deterministic
+            DDIM).
+        callback: ``callback(i, t, x_t, x0_hat)`` with the network's denoised estimate x̂₀ (after clipping).
+        clip_x0: if set, limit ``|x̂₀|`` to this value (phase kept) in the DDIM update, as in :func:`dds_sample`.
+            The measurement gradient is still taken through the unclipped x̂₀ (clipping has zero gradient where it
+            acts, which would switch the data term off exactly where the estimate is worst).
 
     Returns:
         Reconstruction, complex ``[B, H, W]`` in the dtype of ``y`` (x̂₀ of the last step, minus the last correction).
@@ -428,7 +454,7 @@ def dps_sample(
     stats = SamplerStats() if stats is None else stats
     start = time.perf_counter()
     acp = _alphas_cumprod(alphas_cumprod)
-    ts = _resolve_timesteps(acp, num_steps, timesteps)
+    ts = _resolve_timesteps(alphas_cumprod, acp, num_steps, timesteps)
     b, (h, w), device = y.shape[0], y.shape[-2:], y.device
     gens = _generator_list(generators, b, device)
     with torch.no_grad():
@@ -451,6 +477,8 @@ def dps_sample(
         with torch.no_grad(), _full_precision(device):
             eps = channels_to_complex(eps_ch.detach()).to(x.dtype)
             x0_hat = channels_to_complex(x0_ch.detach()).to(x.dtype)
+            if clip_x0 is not None:
+                x0_hat = x0_hat * (clip_x0 / x0_hat.abs().clamp_min(clip_x0))
             if callback is not None:
                 callback(i, t, x, x0_hat)
             if i + 1 == len(ts):
