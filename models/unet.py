@@ -51,6 +51,23 @@ def condition_dim(unet: UNet2DConditionModel) -> int:
     return int(cfg.encoder_hid_dim if cfg.encoder_hid_dim is not None else cfg.cross_attention_dim)
 
 
+def check_finite_weights(module: torch.nn.Module, source: str | Path) -> None:
+    """Raise if any parameter or buffer of ``module`` holds NaN/inf (one pass over the weights).
+
+    The released checkpoint comes without hashes, so damaged bytes inside its weight files (a header left intact)
+    would otherwise load silently and turn every reconstructed pixel into NaN.
+
+    Raises:
+        ValueError: naming the folder and the first few non-finite tensors.
+    """
+    bad = [name for name, tensor in (*module.named_parameters(), *module.named_buffers())
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"damaged weights in {source}: non-finite values in {shown} (re-download or restore the "
+                         "checkpoint)")
+
+
 @dataclass
 class ReleasedCheckpoint:
     """The parts of a released ``MRI_checkpoint/``.
@@ -85,6 +102,10 @@ def load_released_checkpoint(
             a UNet is accepted too.
         torch_dtype: dtype for the UNet and text encoder (default: float32).
         load_text_encoder: set False for metadata-only runs (``text_encoder``/``tokenizer`` are then ``None``).
+
+    Raises:
+        FileNotFoundError: no UNet under ``{path}/{model_type}``.
+        ValueError: a loaded weight holds NaN/inf (:func:`check_finite_weights`).
     """
     root = Path(path)
     unet_dir = root / model_type
@@ -93,6 +114,7 @@ def load_released_checkpoint(
             f"no UNet at {unet_dir} (expected {root}/{{{'|'.join(RELEASED_MODEL_TYPES)}}}/config.json)"
         )
     unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True, torch_dtype=torch_dtype)
+    check_finite_weights(unet, unet_dir)
     scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
     text_encoder = tokenizer = None
     if load_text_encoder:
@@ -100,6 +122,7 @@ def load_released_checkpoint(
 
         dtype_kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True, **dtype_kwargs)
+        check_finite_weights(text_encoder, root / "text_encoder")
         text_encoder.requires_grad_(False)
         text_encoder.eval()
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)

@@ -176,5 +176,5 @@ def test_resume_lookup(tmp_path):
     _fake_ckpt(tmp_path, 60, complete=False)
     assert resolve_resume_checkpoint(tmp_path, "latest").name == "checkpoint-50"
     assert resolve_resume_checkpoint(tmp_path, "checkpoint-5").name == "checkpoint-5"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
         resolve_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-60"))

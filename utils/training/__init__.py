@@ -34,10 +34,16 @@ def main(config_cls=TrainConfig, argv=None) -> int:
     """Command-line entry of both training scripts: parse -> check -> train; bad input exits 2 with a message."""
     import sys
 
+    from utils.training.config import NonFiniteLossError
+
     try:
         config = parse_config(argv, config_cls)
         train(config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:  # failed work, not a bad argument
+        if err.report:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -11,10 +11,14 @@ import argparse
 import dataclasses
 import json
 import types
+import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from utils.files import write_json
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -105,8 +109,12 @@ class TrainConfig:
     checkpointing_steps: int = _opt(500, "Save the resume state (checkpoint-{step}) every N optimiser steps.",
                                     group="run")
     checkpoints_total_limit: int | None = _opt(None, "Keep at most this many checkpoint-* folders.", group="run")
-    resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint-{step} folder to continue from.",
+    resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint-{step} folder to continue from "
+                                              "(only a checkpoint of the same run: see docs/CONTRACTS.md).",
                                               group="run")
+    overwrite_output_dir: bool = _opt(False, "--output_dir holds another run (different settings): remove its "
+                                      "checkpoints, model, logs and validation images and start this run there. "
+                                      "Without it such a folder is refused.", group="run")
     validation_steps: int = _opt(0, "Reconstruct validation slices every N optimiser steps (0 = off).", group="run")
     validation_metadata_brain: str | None = _opt(None, "Brain validation CSV (default: "
                                                  "{data_root}/metadata_brain_val.csv when validating).", group="run")
@@ -124,7 +132,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Write the config as strict JSON (sorted keys), atomically."""
+        write_json(path, self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -163,6 +172,56 @@ class OODTrainConfig(TrainConfig):
     @property
     def is_ood(self) -> bool:
         return self.use_ood
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# run identity: which settings make two runs different runs
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: Fields that do not change the weights a run computes: where/how often it logs, checkpoints and validates, how it
+#: is launched or resumed, and switches that trade memory or speed for identical results. Every other field (model,
+#: data, optimisation, seed, OOD mixing, and any field added later) is part of the run's identity.
+NON_IDENTITY_FIELDS: frozenset[str] = frozenset({
+    "output_dir", "logging_dir", "report_to", "checkpointing_steps", "checkpoints_total_limit",
+    "resume_from_checkpoint", "overwrite_output_dir", "dry_run", "dataloader_num_workers", "gradient_checkpointing",
+    "allow_unknown_metadata", "validation_steps", "validation_metadata_brain", "validation_metadata_knee",
+    "num_validation_slices", "validation_inference_steps", "validation_mask_type", "validation_acc_factor",
+})
+#: The run length sets the shape of these learning-rate schedules; under the others ("constant",
+#: "constant_with_warmup") a finished run may be continued with a larger --max_train_steps / --num_train_epochs.
+LENGTH_DEPENDENT_SCHEDULES: frozenset[str] = frozenset({"linear", "cosine", "cosine_with_restarts", "polynomial"})
+_LENGTH_FIELDS = ("max_train_steps", "num_train_epochs")
+
+
+def run_identity_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Names of the identity fields in which two run configs (``to_dict()`` / ``run_config.json``) differ.
+
+    A key missing on one side (a config written before the field existed, or a ``train_mri.py`` config compared
+    with a ``train_mri_ood.py`` one) counts as the field's default.
+
+    Returns:
+        sorted field names; empty when both configs describe the same run.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(OODTrainConfig)}
+    ignore = set(NON_IDENTITY_FIELDS)
+    schedules = {stored.get("lr_scheduler", defaults["lr_scheduler"]),
+                 current.get("lr_scheduler", defaults["lr_scheduler"])}
+    if not schedules & LENGTH_DEPENDENT_SCHEDULES:
+        ignore.update(_LENGTH_FIELDS)
+    differing = []
+    for name in sorted((set(stored) | set(current)) - ignore):
+        a = stored.get(name, defaults.get(name))
+        b = current.get(name, defaults.get(name))
+        if a != b:
+            differing.append(name)
+    return differing
+
+
+def describe_differences(stored: Mapping[str, Any], current: Mapping[str, Any], names: list[str]) -> str:
+    """``"--seed 1 (there: 0), --cfg_prob 0.2 (there: 0.5)"`` for an error message."""
+    defaults = {f.name: f.default for f in dataclasses.fields(OODTrainConfig)}
+    return ", ".join(f"--{n} {current.get(n, defaults.get(n))!r} (there: {stored.get(n, defaults.get(n))!r})"
+                     for n in names)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -216,6 +275,18 @@ class ConfigError(ValueError):
     """A run configuration that cannot work; raised before anything is built."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training met a non-finite loss or gradient norm and stopped (nothing exported from that state).
+
+    Attributes:
+        report: print the message (True on the main process only, so a multi-process run says it once).
+    """
+
+    def __init__(self, message: str, report: bool = True) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 def check_config(config: TrainConfig) -> None:
     """Validate the values of a config (not the files they name: see ``utils.training.setup``).
 
@@ -243,6 +314,10 @@ def check_config(config: TrainConfig) -> None:
     if config.text_encoder_type != "none" and not (config.text_encoder_path or config.pretrained_model_name_or_path):
         problems.append(f"--text_encoder_type {config.text_encoder_type} needs --text_encoder_path (or a released "
                         "folder with text_encoder/)")
+    for f in dataclasses.fields(config):  # nan/inf pass every range check below: refuse them first
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"--{f.name} must be a finite number, got {value}")
     for name in ("cfg_prob", "prompt_cfg_prob"):
         value = getattr(config, name)
         if not 0.0 <= value <= 1.0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class TrainBatch:
         prompts: ``B`` ContextMRI prompts.
         is_ood: bool ``[B]``, True for out-of-distribution (cardiac) samples.
         filenames: ``B`` source file names (for error messages).
+        slices: ``B`` slice indices within those files (for error messages).
     """
 
     images: torch.Tensor
@@ -41,14 +42,15 @@ class TrainBatch:
     prompts: list[str]
     is_ood: torch.Tensor
     filenames: list[str]
+    slices: list[int] = field(default_factory=list)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TrainBatch":
         return TrainBatch(self.images.to(device, non_blocking=non_blocking), self.records, self.prompts,
-                          self.is_ood.to(device, non_blocking=non_blocking), self.filenames)
+                          self.is_ood.to(device, non_blocking=non_blocking), self.filenames, self.slices)
 
     def pin_memory(self) -> "TrainBatch":
         return TrainBatch(self.images.pin_memory(), self.records, self.prompts, self.is_ood.pin_memory(),
-                          self.filenames)
+                          self.filenames, self.slices)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -75,6 +77,7 @@ class TrainCollate:
             prompts=[sample.prompt for sample, _ in items],
             is_ood=torch.tensor([src in self.ood_sources for _, src in items], dtype=torch.bool),
             filenames=[sample.filename for sample, _ in items],
+            slices=[int(sample.slice_idx) for sample, _ in items],
         )
 
 

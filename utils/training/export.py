@@ -9,14 +9,22 @@ Layout of ``{output_dir}`` after training (EMA weights when the run used EMA)::
     text_encoder/, tokenizer/     the text encoder, only when it was trained (--train_text_encoder)
     scheduler/scheduler_config.json
     run_config.json               the resolved TrainConfig
+    weights.sha256.json           completion record: sha256 of every file above (written last)
 
 The frozen text encoder is not copied: it is read from the released folder (``base``) or ``text_encoder_path``.
+
+The export is atomic: everything is written into ``{output_dir}/.export.tmp/`` and hashed there, then the old record
+is removed, each item is renamed into place, and the new record is written last. A run killed at any point leaves
+either the previous complete model or a folder without a record, which :func:`load_trained_model` refuses
+("incomplete export"). Loading checks every file against the record, so flipped bytes give one clear error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,25 +37,24 @@ from models.conditioning import ConditionBuilder
 from models.lora import load_lora, merge_lora, save_lora
 from models.text_encoders import load_text_conditioner
 from models.unet import condition_dim, load_released_checkpoint
+from utils.files import write_json
 from utils.training.config import OODTrainConfig, TrainConfig
+from utils.training.run_folder import (
+    EXPORT_ITEMS,
+    EXPORT_RECORD_NAME,
+    EXPORT_TMP_NAME,
+    RECORD_FORMAT,
+    RUN_CONFIG_NAME,
+    TEXT_PROJECTION_NAME,
+    hash_export_files,
+    verify_export,
+)
 
 logger = logging.getLogger(__name__)
 
-RUN_CONFIG_NAME = "run_config.json"
-TEXT_PROJECTION_NAME = "text_projection.safetensors"
 
-
-def save_inference_snapshot(model, scheduler: DDPMScheduler, config: TrainConfig, output_dir: str | Path) -> Path:
-    """Write the final model of a run (call with the EMA weights already swapped in, on the main process).
-
-    Args:
-        model: the unwrapped :class:`utils.training.model.ConditionedDenoiser`.
-        scheduler: the training noise scheduler (its config is what samplers read ᾱ from).
-        config: the run config (written as ``run_config.json``).
-        output_dir: the run's output folder.
-    """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _write_model_files(model, scheduler: DDPMScheduler, config: TrainConfig, out: Path) -> None:
+    """The export's files, written into ``out`` (the staging folder)."""
     unet = model.unet
     if config.use_lora:
         save_lora(unet, out / "lora")
@@ -66,6 +73,51 @@ def save_inference_snapshot(model, scheduler: DDPMScheduler, config: TrainConfig
         text.tokenizer.save_pretrained(out / "tokenizer")
     scheduler.save_pretrained(out / "scheduler")
     config.save(out / RUN_CONFIG_NAME)
+
+
+def _move_into_place(staged: Path, out: Path, name: str) -> None:
+    """Replace ``out/name`` by ``staged/name`` (a rename within one file system)."""
+    target = out / name
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    os.replace(staged / name, target)
+
+
+def save_inference_snapshot(model, scheduler: DDPMScheduler, config: TrainConfig, output_dir: str | Path,
+                            global_step: int | None = None) -> Path:
+    """Write the final model of a run atomically (call with the EMA weights swapped in, on the main process).
+
+    Args:
+        model: the unwrapped :class:`utils.training.model.ConditionedDenoiser`.
+        scheduler: the training noise scheduler (its config is what samplers read ᾱ from).
+        config: the run config (written as ``run_config.json``).
+        output_dir: the run's output folder.
+        global_step: optimiser steps behind these weights (stored in the record).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staged = out / EXPORT_TMP_NAME
+    if staged.exists():  # left by an export that was killed
+        shutil.rmtree(staged)
+    staged.mkdir()
+    _write_model_files(model, scheduler, config, staged)
+    files = hash_export_files(staged)
+    record = {"format": RECORD_FORMAT, "global_step": global_step, "files": files}
+
+    (out / EXPORT_RECORD_NAME).unlink(missing_ok=True)  # from here the old model (if any) no longer counts as one
+    new_items = [name for name in EXPORT_ITEMS if (staged / name).exists()]
+    for name in EXPORT_ITEMS:  # items of an older export that this one does not have
+        stale = out / name
+        if name not in new_items and stale.is_dir():
+            shutil.rmtree(stale)
+        elif name not in new_items and stale.exists():
+            stale.unlink()
+    for name in [*new_items, RUN_CONFIG_NAME]:
+        _move_into_place(staged, out, name)
+    write_json(out / EXPORT_RECORD_NAME, record, sort_keys=True)
+    shutil.rmtree(staged, ignore_errors=True)
     return out
 
 
@@ -108,12 +160,13 @@ def load_trained_model(
         merge: fuse LoRA weights into the base UNet (faster sampling).
 
     Raises:
-        FileNotFoundError: the folder is not a finished training run, or a needed base folder is missing.
+        FileNotFoundError: the folder is not a training output folder, or a needed base folder is missing.
+        IncompleteExportError (a ``FileNotFoundError``): training (or its export) did not finish.
+        CorruptExportError (a ``ValueError``): a file's bytes differ from the sha256 recorded at export.
     """
     folder = Path(finetune_folder)
+    verify_export(folder)  # refuses an unfinished export and damaged files before anything is built
     config_path = folder / RUN_CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a training output folder (no {RUN_CONFIG_NAME})")
     raw = json.loads(config_path.read_text())
     config = (OODTrainConfig if "use_ood" in raw else TrainConfig).from_dict(raw)
     base = base if base is not None else config.pretrained_model_name_or_path

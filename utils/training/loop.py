@@ -3,6 +3,10 @@
 Reads top to bottom: build (with every input check) -> prepare -> resume -> loop (accumulate, clip, step, EMA, log,
 checkpoint, validate) -> export the inference snapshot.
 
+Trust: a run refuses an output folder that holds another run (``utils.training.run_folder``), resumes only an
+intact checkpoint of itself, stops at the first non-finite loss or gradient norm (all processes together, before
+anything is learnt, checkpointed or exported from it), and publishes its model atomically with a sha256 record.
+
 Reproducibility: model init uses ``--seed``; the data order of epoch ``e`` depends only on ``(seed, e)``; the noise,
 timesteps and condition dropout of a micro-batch come from a generator seeded by ``(seed, epoch, batch, process)``.
 A resumed run therefore repeats the uninterrupted run exactly, whatever the global RNG did in between.
@@ -23,7 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 
@@ -34,13 +44,15 @@ from utils.training.checkpointing import (
     prune_checkpoints,
     read_training_state,
     resolve_resume_checkpoint,
+    write_checkpoint_config,
 )
-from utils.training.config import ConfigError, OODTrainConfig, TrainConfig
+from utils.training.config import ConfigError, NonFiniteLossError, OODTrainConfig, TrainConfig
 from utils.training.data import TrainBatch, build_training_data, make_dataloader, updates_per_epoch
 from utils.training.diffusion import PREDICTION_TYPES, add_noise, prediction_target, sample_timesteps, step_generator
 from utils.training.ema import EMA
 from utils.training.export import save_inference_snapshot
 from utils.training.model import ConditionedDenoiser, build_components
+from utils.training.run_folder import check_output_dir, clear_run
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +169,99 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, state: Traini
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        mark_complete(path, state)
+        write_checkpoint_config(path, config.to_dict())
+        mark_complete(path, state)  # last: hashes every file of the checkpoint
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# decisions every process must share
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _decide_on_main(accelerator: Accelerator, decide: Callable[[], object]) -> object:
+    """Run ``decide`` on the main process only and hand its result (or its error) to every process.
+
+    Why: the output folder is inspected, cleared and its checkpoints hashed once; another process reading it at the
+    same time could see a half-cleared folder and choose differently (then hang at the next collective).
+    """
+    result, error, is_config = None, None, False
+    if accelerator.is_main_process:
+        try:
+            result = decide()
+        except ConfigError as err:
+            error, is_config = str(err), True
+        except Exception as err:
+            if accelerator.num_processes == 1:
+                raise
+            error = f"{type(err).__name__}: {err}"
+    if accelerator.num_processes > 1:
+        box = [result, error, is_config]
+        broadcast_object_list(box, from_process=0)
+        result, error, is_config = box
+    if error is not None:
+        raise ConfigError(error) if is_config else RuntimeError(f"main process failed: {error}")
+    return result
+
+
+def prepare_output_dir(accelerator: Accelerator, config: TrainConfig) -> Path | None:
+    """Check that ``--output_dir`` holds no other run (clear it under ``--overwrite_output_dir``) and pick the
+    checkpoint to resume from; returns it (``None``: start at step 0).
+
+    Raises:
+        ConfigError: on every process, naming the differing settings or the unusable checkpoint.
+    """
+    current = config.to_dict()
+
+    def decide() -> str | None:
+        if check_output_dir(config.output_dir, current, config.overwrite_output_dir, config.resume_from_checkpoint):
+            if config.dry_run:
+                print(f"--dry_run: would remove the previous run in {config.output_dir}")
+            else:
+                removed = clear_run(config.output_dir, config.logging_dir)
+                print(f"--overwrite_output_dir: removed the previous run from {config.output_dir} "
+                      f"({', '.join(removed)})")
+        path = resolve_resume_checkpoint(config.output_dir, config.resume_from_checkpoint, current)
+        return None if path is None else str(path)
+
+    resume = _decide_on_main(accelerator, decide)
+    return None if resume is None else Path(resume)
+
+
+def _all_finite(accelerator: Accelerator, value: torch.Tensor) -> bool:
+    """True when ``value`` is finite on every process (one tiny all-reduce, so all processes agree)."""
+    bad = (~torch.isfinite(value.detach().float())).any().float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return not bool(bad.item())
+
+
+def _non_finite_error(accelerator: Accelerator, what: str, value: torch.Tensor, step: int, epoch: int,
+                      batch_index: int, batch: TrainBatch, last_checkpoint: Path | None) -> NonFiniteLossError:
+    """The error every process raises when a loss/gradient norm went non-finite; collects each process's batch.
+
+    Collective (``gather_object``): call it on every process, right after :func:`_all_finite` said False.
+    """
+    local = {
+        "process": accelerator.process_index,
+        "value": float(value.detach().float().reshape(-1)[0]),
+        "items": [f"{f} slice {s}" for f, s in zip(batch.filenames, batch.slices or [None] * len(batch))],
+        "non_finite_images": [f"{f} slice {s}" for f, s, img in
+                              zip(batch.filenames, batch.slices or [None] * len(batch), batch.images)
+                              if not bool(torch.isfinite(img).all())],
+    }
+    infos = gather_object([local]) if accelerator.num_processes > 1 else [local]
+    bad = [i for i in infos if not math.isfinite(i["value"])] or infos
+    values = ", ".join(f"{i['value']}" + (f" on process {i['process']}" if len(infos) > 1 else "") for i in bad)
+    items = [item for i in bad for item in i["items"]]
+    images = [item for i in infos for item in i["non_finite_images"]]
+    message = (f"non-finite {what} ({values}) at optimiser step {step} (epoch {epoch}, batch {batch_index}); "
+               f"the batch held: {', '.join(items)}")
+    if images:
+        message += f"; non-finite pixel values in: {', '.join(images)}"
+    message += (". Training stopped: nothing was learnt, checkpointed or exported from this state (last good "
+                f"checkpoint: {last_checkpoint or 'none'}). Fix the input (or lower --learning_rate) and rerun "
+                "with --resume_from_checkpoint latest")
+    return NonFiniteLossError(message, report=accelerator.is_main_process)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,7 +307,8 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
     accelerator = make_accelerator(config)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    if accelerator.is_main_process:
+    resume = prepare_output_dir(accelerator, config)  # before any heavy work: a refused folder costs nothing
+    if accelerator.is_main_process and not config.dry_run:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)  # model init (from scratch, new embedder and projection); identical on every process
 
@@ -253,7 +357,6 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
     alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device, torch.float32)
 
     state = TrainingState(num_processes=accelerator.num_processes)
-    resume = resolve_resume_checkpoint(config.output_dir, config.resume_from_checkpoint)
     if resume is not None:
         accelerator.print(f"resuming from {resume}")
         accelerator.load_state(str(resume))
@@ -267,8 +370,9 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
         if state.batch_in_epoch >= batches_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
+    # run_config.json goes into every checkpoint and, with the model, into the export; none is written here, so a
+    # folder whose training never finished holds nothing that looks like a model.
     if accelerator.is_main_process:
-        config.save(Path(config.output_dir) / "run_config.json")
         if config.report_to not in ("none", ""):
             accelerator.init_trackers("train_mri_ood" if is_ood else "train_mri", config=_tracker_config(config))
     n_trainable = sum(p.numel() for p in params)
@@ -285,6 +389,8 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
     t_start = time.perf_counter()
     done = state.global_step >= max_steps
     epoch = state.epoch
+    last_checkpoint = resume
+    check_grad_norm = accelerator.scaler is None  # fp16's scaler skips overflowing steps on its own
     while not done:
         data.sampler.select_epoch(epoch)
         data.dataset.select_epoch(epoch)
@@ -294,9 +400,15 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
             gen = step_generator(config.seed, epoch, batch_index, accelerator.process_index)
             with accelerator.accumulate(model):
                 loss, timesteps = training_loss(model, batch, alphas_cumprod, gen, ood_t_min, prediction_type)
+                if not _all_finite(accelerator, loss):  # before backward: nothing is learnt from it
+                    raise _non_finite_error(accelerator, "loss", loss, state.global_step + 1, epoch, batch_index,
+                                            batch, last_checkpoint)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    if check_grad_norm and grad_norm is not None and not _all_finite(accelerator, grad_norm):
+                        raise _non_finite_error(accelerator, "gradient norm", grad_norm, state.global_step + 1,
+                                                epoch, batch_index, batch, last_checkpoint)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -323,7 +435,7 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
             accelerator.log(logs, step=state.global_step)
 
             if state.global_step % config.checkpointing_steps == 0:
-                save_checkpoint(accelerator, config, state)
+                last_checkpoint = save_checkpoint(accelerator, config, state)
             if config.validation_steps and state.global_step % config.validation_steps == 0:
                 _validate(accelerator, config, unwrapped, ema, params, data.validation_items, alphas_cumprod,
                           state.global_step)
@@ -341,7 +453,7 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(params)  # the inference snapshot holds the EMA weights
-        save_inference_snapshot(unwrapped, scheduler, config, config.output_dir)
+        save_inference_snapshot(unwrapped, scheduler, config, config.output_dir, state.global_step)
     accelerator.end_training()
     return Path(config.output_dir)
 

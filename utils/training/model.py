@@ -88,7 +88,7 @@ def build_components(config: TrainConfig) -> Components:
         try:
             released = load_released_checkpoint(config.pretrained_model_name_or_path, config.pretrained_model_type,
                                                 load_text_encoder=False)
-        except (FileNotFoundError, OSError) as err:
+        except (FileNotFoundError, OSError, ValueError) as err:  # ValueError: non-finite weights
             raise ConfigError(f"--pretrained_model_name_or_path: {err}") from err
         unet, scheduler = released.unet, released.scheduler
     else:
