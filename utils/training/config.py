@@ -98,6 +98,12 @@ class TrainConfig:
                            group="optim")
     cfg_strategy: str = _opt("joint", "'joint': one draw per sample drops every attribute; 'independent': one draw "
                              "per attribute.", ("joint", "independent"), group="optim")
+    cfg_null_prob: float = _opt(
+        0.1, "Probability that a training sample gets the null condition (empty prompt + every attribute dropped), "
+        "exactly the unconditional input of --guidance_scale > 1, on top of the --cfg_strategy / --prompt_cfg_prob "
+        "dropout (without it, 'independent' drops all K attributes at once only with probability "
+        "cfg_prob^K). Total null rate: 1 - (1 - cfg_null_prob)(1 - q), q = cfg_prob (joint), cfg_prob^K (independent) "
+        "or prompt_cfg_prob (text only); see docs/conditioning.md.", group="optim")
     use_ema: bool = _opt(False, "Keep an exponential moving average of the trainable weights (saved as the model).",
                          group="optim")
     ema_decay: float = _opt(0.999, "EMA decay.", group="optim")
@@ -318,7 +324,7 @@ def check_config(config: TrainConfig) -> None:
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"--{f.name} must be a finite number, got {value}")
-    for name in ("cfg_prob", "prompt_cfg_prob"):
+    for name in ("cfg_prob", "prompt_cfg_prob", "cfg_null_prob"):
         value = getattr(config, name)
         if not 0.0 <= value <= 1.0:
             problems.append(f"--{name} must lie in [0, 1], got {value}")

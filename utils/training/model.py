@@ -122,7 +122,8 @@ def build_components(config: TrainConfig) -> Components:
                                                         cfg_strategy=config.cfg_strategy)
     conditioner = ConditionBuilder(text if config.text_encoder_type != "none" else None, metadata,
                                    prompt_drop_prob=config.prompt_cfg_prob if config.text_encoder_type != "none" else 0,
-                                   null_dim=dim if config.unconditional else None)
+                                   null_dim=dim if config.unconditional else None,
+                                   null_prob=0.0 if config.unconditional else config.cfg_null_prob)
 
     if config.use_lora:
         add_lora(unet, rank=config.lora_rank, alpha=config.lora_alpha)
