@@ -11,7 +11,11 @@ undersampled data are reconstructed by SENSE (CG) with ESPIRiT maps from the ACS
 Writes ``{output_dir}/heart_mvue_{crop}_{split}/{slice,mps,scale}/{Pxxx}_{series}/{idx:03d}.npy`` with
 ``idx = slice * num_frames + frame`` (``num_frames`` of the series; also the CSV column ``file_index``), and
 ``{output_dir}/metadata_cardiology_{split}.csv`` (anatomy ``heart``, view, frame, 3 T Siemens MAGNETOM Vida; published
-protocol values for T1/T2 mapping; unknown values empty). Reruns skip finished slices; exit status 1 if any file failed.
+protocol values for T1/T2 mapping; unknown values empty). Reruns skip finished slices. The CSV is the union of every
+series processed into the root (a run replaces the rows of its own series and keeps the others).
+
+Exit status: 0 all series ok; 1 a series failed (unreadable, or a slice/frame with non-finite or all-zero k-space:
+reported and skipped) or no series found; 2 bad arguments (e.g. missing folder); 128 + signal when interrupted.
 """
 
 from __future__ import annotations
@@ -44,9 +48,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _error(message: str, status: int) -> int:
+    print(f"pre_process_cmrx.py: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = CardiacConfig(
+    if not args.input_dir.is_dir():
+        return _error(f"--input_dir {args.input_dir} is not a folder", 2)
+    if not any(args.input_dir.rglob("*.mat")):
+        return _error(f"no .mat files under {args.input_dir}", 1)
+    try:
+        cfg = _config(args)
+    except ValueError as err:
+        return _error(str(err), 2)
+    try:
+        summary = run_cmrx_preprocessing(cfg, show_progress=not args.no_progress)
+    except ValueError as err:  # e.g. an unreadable existing metadata CSV
+        return _error(str(err), 1)
+    print(summary.format())
+    if summary.files_total == 0:
+        return _error(f"no CMRxRecon series found under {args.input_dir} for split {args.split!r}", 1)
+    return 0 if summary.ok else 1
+
+
+def _config(args: argparse.Namespace) -> CardiacConfig:
+    return CardiacConfig(
         input_dir=args.input_dir,
         output_dir=args.output_dir,
         split=args.split,
@@ -61,12 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.num_workers,
         overwrite=args.overwrite,
     )
-    summary = run_cmrx_preprocessing(cfg, show_progress=not args.no_progress)
-    print(summary.format())
-    if summary.files_total == 0:
-        print(f"no CMRxRecon series found under {args.input_dir} for split {args.split!r}", file=sys.stderr)
-        return 1
-    return 0 if summary.ok else 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,14 @@ Example::
 
 Writes ``{output_root}/{anatomy}_mvue_{crop}_{train|val}/{slice,mps,scale}/...`` and
 ``{output_root}/metadata_{anatomy}_{train|val}.csv`` (see ``utils/preprocessing.py``). Reruns skip finished slices.
-Exits with status 1 if any file failed (the others are still processed).
+
+Batches: the CSV is the union of every file processed into the root; a run replaces the rows of its own files, keeps
+the others, and prints how many rows it added, replaced and kept. ``--write_stats`` (train split only; refused on a
+val run) rebuilds ``metadata_stats.json`` from every ``metadata_*_train.csv`` of the root.
+
+Exit status: 0 all files ok; 1 a file failed (unreadable, or a slice with non-finite / all-zero k-space: reported and
+skipped; the others are still processed) or no .h5 file in the folder; 2 bad arguments (e.g. missing folder);
+128 + signal when interrupted (workers are stopped; rerun to resume).
 """
 
 from __future__ import annotations
@@ -18,7 +25,13 @@ import sys
 from pathlib import Path
 
 from utils.coils import ESPIRIT_DEFAULTS
-from utils.preprocessing import EspiritParams, PreprocessConfig, run_preprocessing
+from utils.preprocessing import (
+    STATS_TRAIN_ONLY,
+    EspiritParams,
+    PreprocessConfig,
+    list_h5_files,
+    run_preprocessing,
+)
 
 
 def add_espirit_args(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +57,7 @@ def add_espirit_args(parser: argparse.ArgumentParser) -> None:
 
 
 def espirit_from_args(args: argparse.Namespace) -> EspiritParams:
+    """ESPIRiT settings from the ``--espirit_*`` options (``ValueError`` for inconsistent ones)."""
     return EspiritParams(
         calib_width=args.espirit_calib_width,
         thresh=args.espirit_thresh,
@@ -63,30 +77,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=1, help="parallel worker processes (one thread each)")
     p.add_argument("--anatomy", choices=("brain", "knee"), default=None, help="default: from the file name")
     p.add_argument("--fastmri_plus_csv", type=Path, default=None, help="fastMRI+ annotations (file, slice, label)")
-    p.add_argument("--write_stats", action="store_true", help="write {output_root}/metadata_stats.json")
+    p.add_argument("--write_stats", action="store_true",
+                   help="write {output_root}/metadata_stats.json from all train CSVs of the root (with --train only)")
     p.add_argument("--overwrite", action="store_true", help="recompute slices that already exist")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     add_espirit_args(p)
     return p.parse_args(argv)
 
 
+def _error(message: str, status: int) -> int:
+    print(f"pre_processing_final.py: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # every check before any heavy work (and before any worker exists)
+    if not args.input_dir.is_dir():
+        return _error(f"--input_dir {args.input_dir} is not a folder", 2)
     if args.fastmri_plus_csv is not None and not args.fastmri_plus_csv.is_file():
-        raise SystemExit(f"--fastmri_plus_csv not found: {args.fastmri_plus_csv}")
-    cfg = PreprocessConfig(
-        input_dir=args.input_dir,
-        output_root=args.output_root,
-        split="train" if args.train else "val",
-        crop_size=args.crop_size,
-        num_workers=args.num_workers,
-        anatomy=args.anatomy,
-        espirit=espirit_from_args(args),
-        fastmri_plus_csv=args.fastmri_plus_csv,
-        write_stats=args.write_stats,
-        overwrite=args.overwrite,
-    )
-    summary = run_preprocessing(cfg, show_progress=not args.no_progress)
+        return _error(f"--fastmri_plus_csv not found: {args.fastmri_plus_csv}", 2)
+    if args.write_stats and not args.train:
+        return _error(STATS_TRAIN_ONLY, 2)
+    try:
+        cfg = PreprocessConfig(
+            input_dir=args.input_dir,
+            output_root=args.output_root,
+            split="train" if args.train else "val",
+            crop_size=args.crop_size,
+            num_workers=args.num_workers,
+            anatomy=args.anatomy,
+            espirit=espirit_from_args(args),
+            fastmri_plus_csv=args.fastmri_plus_csv,
+            write_stats=args.write_stats,
+            overwrite=args.overwrite,
+        )
+    except ValueError as err:
+        return _error(str(err), 2)
+    cfg.files = list_h5_files(cfg.input_dir)
+    if not cfg.files:
+        return _error(f"no .h5 files in {cfg.input_dir}", 1)
+    try:
+        summary = run_preprocessing(cfg, show_progress=not args.no_progress)
+    except ValueError as err:  # e.g. an unreadable existing metadata CSV: the slices are on disk, a rerun resumes
+        return _error(str(err), 1)
     print(summary.format())
     return 0 if summary.ok else 1
 

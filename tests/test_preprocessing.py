@@ -38,9 +38,10 @@ def gen_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def processed(gen_dir, tmp_path_factory):
-    """One CLI run (val split, fastMRI+ pathology, stats)."""
+    """One CLI run (train split: --write_stats is train-only; fastMRI+ pathology, stats)."""
     out = tmp_path_factory.mktemp("out")
-    args = ["--input_dir", str(gen_dir), "--output_root", str(out), "--crop_size", str(FASTMRI_CROP), "--write_stats",
+    args = ["--input_dir", str(gen_dir), "--output_root", str(out), "--train", "--crop_size", str(FASTMRI_CROP),
+            "--write_stats",
             "--fastmri_plus_csv", str(gen_dir / "ground_truth" / "fastmri_plus_brain.csv"), "--no_progress",
             *FAST_ESPIRIT_ARGS]  # fmt: skip
     assert pre_processing_final.main(args) == 0
@@ -85,7 +86,7 @@ def test_mvue_matches_ground_truth(gen_dir):
 
 
 def test_cli_round_trip_layout_and_metadata(gen_dir, processed):
-    ds = processed / f"brain_mvue_{FASTMRI_CROP}_val"
+    ds = processed / f"brain_mvue_{FASTMRI_CROP}_train"
     files = sorted(p.stem for p in gen_dir.glob("*.h5"))
     for stem in files:
         for idx in range(3):
@@ -98,7 +99,7 @@ def test_cli_round_trip_layout_and_metadata(gen_dir, processed):
             assert read_scale(ds, stem, idx) > 0
     assert not list(processed.rglob("*.tmp"))
     # The CSV agrees with what the simulator put in the headers / attributes, column for column.
-    ours = pd.read_csv(processed / "metadata_brain_val.csv", dtype=str, keep_default_na=False)
+    ours = pd.read_csv(processed / "metadata_brain_train.csv", dtype=str, keep_default_na=False)
     truth = pd.read_csv(gen_dir / "ground_truth" / "metadata.csv", dtype=str, keep_default_na=False)
     assert list(ours.columns) == list(truth.columns)
     key = ["filename", "slice"]
@@ -107,8 +108,8 @@ def test_cli_round_trip_layout_and_metadata(gen_dir, processed):
     pd.testing.assert_frame_equal(ours_s, truth_s)
     # Pathology comes from the fastMRI+ CSV: one label per annotation box.
     ann = pd.read_csv(gen_dir / "ground_truth" / "fastmri_plus_brain.csv")
-    records = load_records(processed / "metadata_brain_val.csv")
-    assert sum(len(r["pathology"]) for r in records) == len(ann) > 0
+    records = load_records(processed / "metadata_brain_train.csv")
+    assert sum(len(r["pathology"] or []) for r in records) == len(ann) > 0
     stats = load_metadata_stats(processed / "metadata_stats.json")
     assert stats["anatomy"] == ["brain"] and set(stats["contrast"]) == set(truth["contrast"])
 
@@ -138,7 +139,7 @@ def test_corrupt_file_is_reported_and_others_processed(gen_dir, tmp_path, capsys
 def test_resume_after_killed_run(gen_dir, processed, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(processed, out)
-    ds = out / f"brain_mvue_{FASTMRI_CROP}_val"
+    ds = out / f"brain_mvue_{FASTMRI_CROP}_train"
     stem = sorted(p.stem for p in gen_dir.glob("*.h5"))[0]
     # What a kill leaves: a slice never written, a leftover temporary file, a slice whose scale was not yet recorded.
     (ds / "slice" / stem / "002.npy").unlink()
@@ -149,13 +150,13 @@ def test_resume_after_killed_run(gen_dir, processed, tmp_path):
     scale_file.write_text(json.dumps(info))
     untouched = ds / "slice" / stem / "000.npy"
     before = untouched.stat().st_mtime_ns
-    cfg = PreprocessConfig(input_dir=gen_dir, output_root=out, split="val", crop_size=FASTMRI_CROP, espirit=SMALL_ESPIRIT)
+    cfg = PreprocessConfig(input_dir=gen_dir, output_root=out, split="train", crop_size=FASTMRI_CROP, espirit=SMALL_ESPIRIT)
     summary = run_preprocessing(cfg, show_progress=False)
     assert summary.ok
     assert (summary.slices_written, summary.slices_skipped) == (2, 4)
     assert untouched.stat().st_mtime_ns == before
     assert not list(out.rglob("*.tmp"))
-    ref = np.load(processed / f"brain_mvue_{FASTMRI_CROP}_val" / "slice" / stem / "002.npy")
+    ref = np.load(processed / f"brain_mvue_{FASTMRI_CROP}_train" / "slice" / stem / "002.npy")
     np.testing.assert_allclose(np.load(ds / "slice" / stem / "002.npy"), ref, atol=1e-6)
     assert read_scale(ds, stem, 1) is not None
     # A complete output is left alone.

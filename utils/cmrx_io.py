@@ -273,8 +273,15 @@ def _find_info_csv(path: Path, patient: str, stem: str) -> Path | None:
     return None
 
 
-def series_metadata(series: CMRxSeries, num_coils: int, image_shape: tuple[int, int]) -> dict[str, Any]:
-    """Metadata columns shared by every (slice, frame) of a series; unknown values ``None``."""
+def series_metadata(
+    series: CMRxSeries, num_coils: int, image_shape: tuple[int, int], problems: list[str] | None = None
+) -> dict[str, Any]:
+    """Metadata columns shared by every (slice, frame) of a series; unknown values ``None``.
+
+    A snapshot ``FieldStrength`` that is not a plausible number keeps the documented 3 T, with a line in ``problems``.
+    """
+    from utils.metadata import clean_number
+
     proto = series_protocol(series.stem)
     meta: dict[str, Any] = {
         "anatomy": "heart",
@@ -297,8 +304,9 @@ def series_metadata(series: CMRxSeries, num_coils: int, image_shape: tuple[int, 
     }
     field_strength = series.info.get("FieldStrength")
     if field_strength:
-        try:
-            meta["field_strength"] = float(field_strength)
-        except ValueError:  # unparsable snapshot value: keep the documented 3 T
-            pass
+        value, problem = clean_number("field_strength", field_strength)
+        if value is not None:
+            meta["field_strength"] = value
+        elif problem is not None and problems is not None:  # keep the documented 3 T of every CMRxRecon scanner
+            problems.append(f"field_strength: ImgSnapshot FieldStrength {problem}: kept the documented 3 T")
     return meta

@@ -7,6 +7,7 @@ optionally ``reconstruction_rss`` ``[slices, 320, 320]``, the XML header ``ismrm
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ class IsmrmrdHeader:
     echoTrainLength: int | None = None
     #: True when the field strength came from the H1 resonance frequency (no ``systemFieldStrength_T``).
     field_strength_from_frequency: bool = False
+    #: Header paths whose text is not a number (e.g. ``sequenceParameters/TR: "abc"``): read as ``None``.
+    unparsable: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,25 +76,32 @@ def _text(root: ET.Element, path: str) -> str | None:
     return el.text.strip()
 
 
-def _float(root: ET.Element, path: str) -> float | None:
+def _float(root: ET.Element, path: str, bad: dict[str, str] | None = None) -> float | None:
+    """The number at ``path``; ``None`` when absent, unparsable or non-finite (recorded in ``bad``)."""
     text = _text(root, path)
     if text is None:
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        if bad is not None:
+            bad[path] = text
         return None
+    return value
 
 
-def _int(root: ET.Element, path: str) -> int | None:
-    value = _float(root, path)
+def _int(root: ET.Element, path: str, bad: dict[str, str] | None = None) -> int | None:
+    value = _float(root, path, bad)
     return None if value is None else int(round(value))
 
 
 def parse_ismrmrd_header(xml: str | bytes) -> IsmrmrdHeader:
     """Parse an ISMRMRD XML header (namespace ``http://www.ismrm.org/ISMRMRD``).
 
-    Only the first ``encoding`` element is read. Missing or unparsable fields are ``None``. The field strength falls
+    Only the first ``encoding`` element is read. Missing, unparsable or non-finite fields are ``None`` (the
+    unparsable/non-finite ones are listed in :attr:`IsmrmrdHeader.unparsable`). The field strength falls
     back to ``H1resonanceFrequency_Hz / 42.577e6`` (rounded to 3 decimals) when ``systemFieldStrength_T`` is absent.
 
     Args:
@@ -107,32 +117,34 @@ def parse_ismrmrd_header(xml: str | bytes) -> IsmrmrdHeader:
     except ET.ParseError as exc:
         raise ValueError(f"malformed ISMRMRD header: {exc}") from exc
 
+    bad: dict[str, str] = {}
     seq = "sequenceParameters"
     sysinfo = "acquisitionSystemInformation"
     enc = "encoding"
     hdr = IsmrmrdHeader(
-        TR=_float(root, f"{seq}/TR"),
-        TE=_float(root, f"{seq}/TE"),
-        TI=_float(root, f"{seq}/TI"),
-        flipAngle_deg=_float(root, f"{seq}/flipAngle_deg"),
+        TR=_float(root, f"{seq}/TR", bad),
+        TE=_float(root, f"{seq}/TE", bad),
+        TI=_float(root, f"{seq}/TI", bad),
+        flipAngle_deg=_float(root, f"{seq}/flipAngle_deg", bad),
         sequence_type=_text(root, f"{seq}/sequence_type"),
-        echo_spacing=_float(root, f"{seq}/echo_spacing"),
-        systemFieldStrength_T=_float(root, f"{sysinfo}/systemFieldStrength_T"),
+        echo_spacing=_float(root, f"{seq}/echo_spacing", bad),
+        systemFieldStrength_T=_float(root, f"{sysinfo}/systemFieldStrength_T", bad),
         systemVendor=_text(root, f"{sysinfo}/systemVendor"),
         systemModel=_text(root, f"{sysinfo}/systemModel"),
-        receiverChannels=_int(root, f"{sysinfo}/receiverChannels"),
+        receiverChannels=_int(root, f"{sysinfo}/receiverChannels", bad),
         institutionName=_text(root, f"{sysinfo}/institutionName"),
         protocolName=_text(root, "measurementInformation/protocolName"),
         patientPosition=_text(root, "measurementInformation/patientPosition"),
-        H1resonanceFrequency_Hz=_float(root, "experimentalConditions/H1resonanceFrequency_Hz"),
-        encoded_matrix=tuple(_int(root, f"{enc}/encodedSpace/matrixSize/{a}") for a in "xyz"),
-        encoded_fov_mm=tuple(_float(root, f"{enc}/encodedSpace/fieldOfView_mm/{a}") for a in "xyz"),
-        recon_matrix=tuple(_int(root, f"{enc}/reconSpace/matrixSize/{a}") for a in "xyz"),
-        recon_fov_mm=tuple(_float(root, f"{enc}/reconSpace/fieldOfView_mm/{a}") for a in "xyz"),
-        pe_min=_int(root, f"{enc}/encodingLimits/kspace_encoding_step_1/minimum"),
-        pe_max=_int(root, f"{enc}/encodingLimits/kspace_encoding_step_1/maximum"),
-        pe_center=_int(root, f"{enc}/encodingLimits/kspace_encoding_step_1/center"),
-        echoTrainLength=_int(root, f"{enc}/echoTrainLength"),
+        H1resonanceFrequency_Hz=_float(root, "experimentalConditions/H1resonanceFrequency_Hz", bad),
+        encoded_matrix=tuple(_int(root, f"{enc}/encodedSpace/matrixSize/{a}", bad) for a in "xyz"),
+        encoded_fov_mm=tuple(_float(root, f"{enc}/encodedSpace/fieldOfView_mm/{a}", bad) for a in "xyz"),
+        recon_matrix=tuple(_int(root, f"{enc}/reconSpace/matrixSize/{a}", bad) for a in "xyz"),
+        recon_fov_mm=tuple(_float(root, f"{enc}/reconSpace/fieldOfView_mm/{a}", bad) for a in "xyz"),
+        pe_min=_int(root, f"{enc}/encodingLimits/kspace_encoding_step_1/minimum", bad),
+        pe_max=_int(root, f"{enc}/encodingLimits/kspace_encoding_step_1/maximum", bad),
+        pe_center=_int(root, f"{enc}/encodingLimits/kspace_encoding_step_1/center", bad),
+        echoTrainLength=_int(root, f"{enc}/echoTrainLength", bad),
+        unparsable=bad,
     )
     if hdr.systemFieldStrength_T is None and hdr.H1resonanceFrequency_Hz:
         hdr.systemFieldStrength_T = round(hdr.H1resonanceFrequency_Hz / GAMMA_BAR_HZ_PER_T, 3)
@@ -262,14 +274,46 @@ def write_fastmri_h5(
             f.attrs[key] = value
 
 
-def header_metadata(header: IsmrmrdHeader | None, num_coils: int | None = None) -> dict[str, Any]:
+#: CSV column of each header field we read as a number (for the per-file warnings).
+_HEADER_COLUMN = {
+    "sequenceParameters/TR": "TR",
+    "sequenceParameters/TE": "TE",
+    "sequenceParameters/TI": "TI",
+    "sequenceParameters/flipAngle_deg": "flip_angle",
+    "acquisitionSystemInformation/systemFieldStrength_T": "field_strength",
+    "experimentalConditions/H1resonanceFrequency_Hz": "field_strength",
+    "encoding/encodedSpace/matrixSize/x": "matrix_x",
+    "encoding/encodedSpace/matrixSize/y": "matrix_y",
+    "encoding/encodedSpace/fieldOfView_mm/x": "fov_x",
+    "encoding/encodedSpace/fieldOfView_mm/y": "fov_y",
+}
+
+
+def header_metadata(
+    header: IsmrmrdHeader | None, num_coils: int | None = None, problems: list[str] | None = None
+) -> dict[str, Any]:
     """Metadata-CSV values from a header (columns ``sequence, TR, TE, TI, flip_angle`` and the extra columns).
 
     ``num_coils`` (the k-space coil count) wins over ``receiverChannels``: fastMRI data may be coil-compressed.
-    Matrix and FOV come from the encoded space (the acquired grid). Missing values are ``None``.
+    Matrix and FOV come from the encoded space (the acquired grid). Missing values are ``None``; so are unparsable,
+    non-finite and implausible numbers (``utils.metadata.NUMERIC_RANGES``: a negative TR, a 0 T or 300 T field).
+
+    Args:
+        header: the parsed header, or ``None`` when the file has none (every header column is then empty).
+        num_coils: coils of the k-space.
+        problems: if given, receives one line per dropped value (or one line for a missing header).
     """
+    from utils.metadata import clean_numbers
+
+    notes: list[str] = []
+    if header is None:
+        notes.append("no ismrmrd_header: sequence, TR, TE, TI, flip angle, field strength, scanner, matrix, FOV left empty")
     h = header or IsmrmrdHeader()
-    return {
+    for path, text in h.unparsable.items():
+        column = _HEADER_COLUMN.get(path)
+        if column is not None:
+            notes.append(f"{column}: header {path} = {text!r} is not a finite number -> missing")
+    raw = {
         "sequence": h.sequence_type,
         "TR": h.TR,
         "TE": h.TE,
@@ -285,3 +329,10 @@ def header_metadata(header: IsmrmrdHeader | None, num_coils: int | None = None) 
         "fov_x": h.encoded_fov_mm[0],
         "fov_y": h.encoded_fov_mm[1],
     }
+    meta, dropped = clean_numbers(raw)
+    # clean_numbers returns floats; keep the header's ints as ints (they are written the same way in the CSV)
+    meta = {k: (raw[k] if meta[k] is not None and isinstance(raw[k], int) else meta[k]) for k in raw}
+    notes += [f"{line} (header value)" for line in dropped]
+    if problems is not None:
+        problems.extend(notes)
+    return meta

@@ -25,6 +25,7 @@ from utils.preprocessing import (
     FileReport,
     RunSummary,
     SliceOutput,
+    check_kspace,
     finish_run,
     dataset_dir,
     process_kspace_slice,
@@ -179,6 +180,7 @@ def process_cmrx_series(series: Any, cfg: CardiacConfig) -> FileReport:
             def compute(index: int) -> SliceOutput:
                 z, t = divmod(index, nt)
                 k = ks.read(z, t)
+                check_kspace(k)  # before the maps: a NaN frame must not be averaged into the slice's calibration
                 maps = maps_for(z, k, t)
                 if series.fully_sampled:
                     return process_kspace_slice(k, shape, espirit, maps=maps)
@@ -198,11 +200,16 @@ def process_cmrx_series(series: Any, cfg: CardiacConfig) -> FileReport:
                 "crop_size": cfg.crop_size,
                 "espirit": asdict(espirit),
             }
-            report.written, report.skipped = write_slices(ds_dir, series.name, indices, compute, cfg.overwrite, extra)
-            meta = series_metadata(series, ks.num_coils, ks.image_shape)
+            result = write_slices(ds_dir, series.name, indices, compute, cfg.overwrite, extra)
+            report.written, report.skipped = result.written, result.skipped
+            report.bad_slices = [(f"slice {i // nt} frame {i % nt}", why) for i, why in result.bad]
+            bad = {i for i, _ in result.bad}
+            meta = series_metadata(series, ks.num_coils, ks.image_shape, problems=report.warnings)
             for z in slices:
                 for t in frames:
-                    report.rows.append({**meta, "slice": z, "frame": t, "file_index": z * nt + t})
+                    if z * nt + t not in bad:
+                        report.rows.append({**meta, "slice": z, "frame": t, "file_index": z * nt + t})
+            report.fail_bad_slices()
     except Exception as exc:
         report.rows = []
         report.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
