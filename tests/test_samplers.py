@@ -483,3 +483,104 @@ def test_cfg_on_v_equals_cfg_on_converted_eps():
         eps_c = a.sqrt() * unet(x, t, encoder_hidden_states=cond).sample + (1 - a).sqrt() * x
         eps_u = a.sqrt() * unet(x, t, encoder_hidden_states=uncond).sample + (1 - a).sqrt() * x
     torch.testing.assert_close(guided, eps_u + w * (eps_c - eps_u), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# steps_offset; DPS honours eta and clip_x0
+
+
+def test_steps_offset_is_applied_like_diffusers_ddim_or_refused():
+    for n, offset in [(100, 1), (30, 1), (50, 3)]:
+        ddim = DDIMScheduler(num_train_timesteps=1000, steps_offset=offset)
+        ddim.set_timesteps(n)
+        assert make_timesteps(1000, n, "leading", offset).tolist() == ddim.timesteps.tolist()
+    # diffusers does not use the offset for "trailing"/"linspace", so neither do we
+    for spacing in ("trailing", "linspace"):
+        ddim = DDIMScheduler(num_train_timesteps=1000, steps_offset=1, timestep_spacing=spacing)
+        ddim.set_timesteps(30)
+        assert make_timesteps(1000, 30, spacing, 1).tolist() == ddim.timesteps.tolist()
+    with pytest.raises(ValueError, match="uniform"):
+        make_timesteps(1000, 30, "uniform", 1)
+    with pytest.raises(ValueError, match=">= 1000"):
+        make_timesteps(1000, 1000, "leading", 1)  # 999 + 1 is no training timestep
+    with pytest.raises(ValueError, match="non-negative"):
+        make_timesteps(1000, 10, "leading", -1)
+
+
+def test_samplers_use_the_schedule_steps_offset(tmp_path):
+    """A scheduler config with steps_offset 1 moves every DDS/DPS timestep by one (991, …, 1), as DDIM does."""
+    config = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+              "steps_offset": 1}
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
+    schedule = DiffusionSchedule.from_config(tmp_path)
+    assert schedule.steps_offset == 1
+    op, y, x0 = _problem(b=1, seed=2)
+    for sampler in (dds_sample, dps_sample):
+        seen = []
+        x = sampler(oracle_eps_fn(x0), op, y, schedule, num_steps=10, generators=make_generators([0]),
+                    callback=lambda i, t, x_t, x0_hat: seen.append(t))
+        assert seen == list(range(901, 0, -100)), sampler.__name__
+        assert _rel(x, x0) < 1e-4
+    # a bare ᾱ tensor has no offset
+    seen = []
+    dds_sample(oracle_eps_fn(x0), op, y, ACP, num_steps=10, generators=make_generators([0]),
+               callback=lambda i, t, x_t, x0_hat: seen.append(t))
+    assert seen == list(range(900, -1, -100))
+
+
+def test_dps_honours_eta():
+    """Without the measurement step (ζ' = 0) DPS is the DDIM update with η noise: it equals DDS without data
+    consistency for every η, from the same noise, and η changes the result."""
+    op, y, _ = _problem(b=2, seed=6)
+    eps_fn = gaussian_prior_eps_fn()
+    results = {}
+    for eta in (0.0, 0.5, 1.0):
+        dps = dps_sample(eps_fn, op, y, ACP, num_steps=15, step_size=0.0, eta=eta, generators=make_generators([1, 2]))
+        dds = dds_sample(eps_fn, op, y, ACP, num_steps=15, cg_iter=0, eta=eta, generators=make_generators([1, 2]))
+        assert _rel(dps, dds) < 1e-5, eta
+        results[eta] = dps
+    assert _rel(results[0.0], results[1.0]) > 0.05 and _rel(results[0.5], results[1.0]) > 0.01
+
+
+def test_dps_honours_clip_x0_with_an_oracle_denoiser():
+    """A large ground truth: the oracle's x̂₀ is clipped to ``clip_x0`` in the update (callback sees it)."""
+    op, y, x0 = _problem(b=1, seed=7)
+    x0 = 5 * x0 / x0.abs().max()
+    y = op(x0)
+    seen = []
+    dps_sample(oracle_eps_fn(x0), op, y, ACP, num_steps=8, step_size=0.0, clip_x0=1.0, generators=make_generators([0]),
+               callback=lambda i, t, x_t, x0_hat: seen.append(float(x0_hat.abs().max())))
+    assert max(seen) <= 1.0 + 1e-5
+    seen.clear()
+    x = dps_sample(oracle_eps_fn(x0), op, y, ACP, num_steps=8, step_size=0.0, generators=make_generators([0]),
+                   callback=lambda i, t, x_t, x0_hat: seen.append(float(x0_hat.abs().max())))
+    assert min(seen) > 4.9 and _rel(x, x0) < 1e-4
+
+
+class _PriorUNet(torch.nn.Module):
+    """A "UNet" whose ε is the exact Gaussian-prior ε (ignores the condition tokens)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eps_fn = gaussian_prior_eps_fn()
+
+    def forward(self, x, t, encoder_hidden_states=None):
+        return SimpleNamespace(sample=self.eps_fn(x, t))
+
+
+def test_diffusion_reconstructor_passes_eta_and_clip_x0_to_dps():
+    from models.conditioning import ConditionBuilder
+    from utils.diffusion_recon import DiffusionReconstructor
+
+    op, y, _ = _problem(b=1, seed=8)
+    records, prompts = [{}], [""]
+    out = {}
+    for eta, clip in ((0.0, None), (1.0, None), (1.0, 0.1)):
+        recon = DiffusionReconstructor(_PriorUNet(), ConditionBuilder(None, None, null_dim=4), SCHEDULE, sampler="dps",
+                                       num_steps=12, eta=eta, dps_step=0.5, clip_x0=clip)
+        out[(eta, clip)], _ = recon(y, op, records, prompts, make_generators([3]))
+        direct = dps_sample(gaussian_prior_eps_fn(), op, y, SCHEDULE, num_steps=12, step_size=0.5, eta=eta,
+                            clip_x0=clip, generators=make_generators([3]))
+        assert _rel(out[(eta, clip)], direct) < 1e-5
+    assert _rel(out[(0.0, None)], out[(1.0, None)]) > 0.01
+    assert _rel(out[(1.0, 0.1)], out[(1.0, None)]) > 0.01
