@@ -1,50 +1,71 @@
 #!/usr/bin/env python
 """Reconstruct undersampled validation slices with a (metadata-)conditioned diffusion prior or a baseline.
 
-Example (REFERENCE.md §0):
+Example:
     python recon_complex_multi.py --pretrained_model_name_or_path ./MRI_checkpoint --load_dir_meta_brain ./metadata_val.csv \
         --data_root ./fastmri --enable_condition_emb --finetune_folder ./trained_model \
         --metadata_stats ./metadata_stats.json --mask_type uniform1d --acc_factor 4
 
-Shard a set over processes/GPUs with ``accelerate launch recon_complex_multi.py ...``: each process takes every n-th
-slice and the main process merges the summary. Finished slices are skipped when a run is repeated.
+Results go to {save_dir}/{mask_type}/acc_{R}/{tag}/, where tag is --tag or a readable name plus a short hash of every
+setting that changes a result (e.g. dds_steps100_w1_n1-3fa9c2d1); run.json in the folder holds that fingerprint. A
+run resumes a folder only when the fingerprint matches; an explicit --tag whose folder holds another run is refused
+(exit 2, naming the differing settings) unless --overwrite.
+
+Shard a set over processes/GPUs with ``accelerate launch recon_complex_multi.py ...`` (each process takes every n-th
+slice), or run --start_idx/--end_idx ranges separately into the same --save_dir: the summary is rebuilt from the rows
+on disk and marks volumes whose slices are not all done as incomplete. Exit status: 0 when every reconstructed slice
+succeeded, 1 when any slice failed (non-finite input or output; listed in summary.json), 2 for bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
+import time
 from pathlib import Path
 
 from utils.masks import MASK_TYPES
 
+PROG = "recon_complex_multi.py"
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", default=None, help="released MRI_checkpoint folder (local)")
-    g.add_argument("--pretrained_model_type", default="fastmri", choices=["fastmri", "skm-tea"])
+    g.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="released MRI_checkpoint folder (local); default for a --finetune_folder: the run's own")
+    g.add_argument("--pretrained_model_type", default=None, choices=["fastmri", "skm-tea"],
+                   help="released UNet subfolder; default: the --finetune_folder run's own (run_config.json), else "
+                        "fastmri. A value contradicting a LoRA run's base is refused")
     g.add_argument("--finetune_folder", default=None, help="output folder of train_mri.py / train_mri_ood.py")
     g.add_argument("--enable_condition_emb", action="store_true", help="the model uses fine-grained metadata tokens")
-    g.add_argument("--metadata_stats", default=None, help="metadata_stats.json the model was trained with")
+    g.add_argument("--metadata_stats", default=None,
+                   help="metadata_stats.json the model was trained with (default: the run's own, if it exists)")
     g.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
                    help="network precision; data consistency always runs in fp32/complex64")
     g = p.add_argument_group("data")
-    g.add_argument("--data_root", required=True, help="root holding {anatomy}_mvue_{crop}_val/")
+    g.add_argument("--data_root", required=True, help="root holding {anatomy}_mvue_{crop}_{split}/")
     g.add_argument("--load_dir_meta_brain", default=None, help="brain metadata CSV")
     g.add_argument("--load_dir_meta_knee", default=None, help="knee metadata CSV")
     g.add_argument("--load_dir_meta_cardio", default=None, help="cardiac metadata CSV")
     g.add_argument("--split", default="val", choices=["train", "val"])
-    g.add_argument("--crop_size", type=int, default=320)
+    g.add_argument("--crop_size", type=int, default=None,
+                   help="image side of the data (default: the --finetune_folder run's resolution, else 320); must "
+                        "equal the size the model was trained at")
     g.add_argument("--start_idx", type=int, default=0, help="first dataset index to reconstruct")
     g.add_argument("--end_idx", type=int, default=None, help="one past the last dataset index")
     g.add_argument("--on_missing", default="error", choices=["error", "skip"],
                    help="rows without slice/map files: stop with an error, or skip them with a warning")
     g = p.add_argument_group("measurement")
     g.add_argument("--mask_type", default="uniform1d", choices=list(MASK_TYPES))
-    g.add_argument("--acc_factor", type=float, default=4.0)
-    g.add_argument("--center_fraction", type=float, default=None)
+    g.add_argument("--acc_factor", type=float, default=4.0, help="nominal acceleration R > 1")
+    g.add_argument("--center_fraction", type=float, default=None,
+                   help="fully sampled centre fraction in (0, 1) (default: 0.08 at 4x, 0.04 at 8x, else 0.32/R)")
+    g.add_argument("--noise_sigma", type=float, default=0.0,
+                   help="complex Gaussian noise added to the simulated k-space, y = M(F S x + n), n ~ CN(0, σ²): "
+                        "real and imaginary parts each have std σ/√2 (E|n|² = σ²), relative to the normalised "
+                        "images (99th percentile of |x| = 1); seeded per (file, slice), the same for every method")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="diffusion", choices=["diffusion", "zero_filled", "cs"])
     g.add_argument("--sampler", default="dds", choices=["dds", "dps"])
@@ -66,14 +87,80 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="give every slice the protocol of another contrast (does the model use its metadata?)")
     g.add_argument("--num_samples", type=int, default=1, help="ensemble size (complex mean scored, std map saved)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch_size", type=int, default=1, help="slices per network forward")
+    g.add_argument("--batch_size", type=int, default=1,
+                   help="slices per network forward (not part of the run's identity: per-slice seeds)")
     g.add_argument("--cs_lambda", type=float, default=0.005)
     g.add_argument("--cs_iter", type=int, default=100)
     g = p.add_argument_group("output")
     g.add_argument("--save_dir", default="./results")
-    g.add_argument("--tag", default=None, help="name of the method's output folder (default: from the settings)")
+    g.add_argument("--tag", default=None,
+                   help="name of the method's output folder (default: readable settings + a short hash of them)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another run in the --tag folder (matching results are resumed)")
     g.add_argument("--no_png", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+class ArgumentProblem(Exception):
+    """A bad argument: reported as one line, exit status 2."""
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked from the command line and the file system alone (no data, no model).
+
+    Raises:
+        ArgumentProblem: the first bad argument.
+    """
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ArgumentProblem(message)
+
+    need(_finite(args.acc_factor) and args.acc_factor > 1, f"--acc_factor must be a finite number > 1, got "
+                                                           f"{args.acc_factor}")
+    need(args.center_fraction is None or (_finite(args.center_fraction) and 0 < args.center_fraction < 1),
+         f"--center_fraction must lie in (0, 1), got {args.center_fraction}")
+    need(_finite(args.noise_sigma) and args.noise_sigma >= 0, f"--noise_sigma must be a finite number >= 0, got "
+                                                              f"{args.noise_sigma}")
+    need(args.num_steps >= 1, f"--num_steps must be >= 1, got {args.num_steps}")
+    need(args.num_samples >= 1, f"--num_samples must be >= 1, got {args.num_samples}")
+    need(args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}")
+    need(args.cg_iter >= 0, f"--cg_iter must be >= 0, got {args.cg_iter}")
+    need(args.cs_iter >= 1, f"--cs_iter must be >= 1, got {args.cs_iter}")
+    need(_finite(args.cs_lambda) and args.cs_lambda >= 0, f"--cs_lambda must be a finite number >= 0, got "
+                                                          f"{args.cs_lambda}")
+    need(_finite(args.eta) and args.eta >= 0, f"--eta must be a finite number >= 0, got {args.eta}")
+    need(_finite(args.gamma) and args.gamma >= 0, f"--gamma must be a finite number >= 0, got {args.gamma}")
+    need(_finite(args.dps_step) and args.dps_step > 0, f"--dps_step must be a finite number > 0, got {args.dps_step}")
+    need(_finite(args.guidance_scale), f"--guidance_scale must be finite, got {args.guidance_scale}")
+    need(args.clip_x0 is None or (_finite(args.clip_x0) and args.clip_x0 > 0),
+         f"--clip_x0 must be a finite number > 0, got {args.clip_x0}")
+    need(args.start_idx >= 0, f"--start_idx must be >= 0, got {args.start_idx}")
+    need(args.end_idx is None or args.end_idx > args.start_idx,
+         f"--end_idx ({args.end_idx}) must be larger than --start_idx ({args.start_idx})")
+    need(args.crop_size is None or args.crop_size >= 1, f"--crop_size must be >= 1, got {args.crop_size}")
+    need(args.tag is None or (args.tag.strip() and "/" not in args.tag and args.tag not in (".", "..")),
+         f"--tag must be a plain folder name, got {args.tag!r}")
+    need(Path(args.data_root).is_dir(), f"--data_root {args.data_root} is not a folder")
+    csvs = [c for c in (args.load_dir_meta_brain, args.load_dir_meta_knee, args.load_dir_meta_cardio) if c]
+    need(bool(csvs), "give at least one of --load_dir_meta_brain / --load_dir_meta_knee / --load_dir_meta_cardio")
+    for c in csvs:
+        need(Path(c).is_file(), f"metadata CSV not found: {c}")
+    if args.method == "diffusion":
+        need(bool(args.finetune_folder or args.pretrained_model_name_or_path),
+             "method 'diffusion' needs --finetune_folder and/or --pretrained_model_name_or_path")
+        for flag in ("finetune_folder", "pretrained_model_name_or_path"):
+            value = getattr(args, flag)
+            need(value is None or Path(value).is_dir(), f"--{flag} {value} is not a folder")
+        need(args.metadata_stats is None or Path(args.metadata_stats).is_file(),
+             f"--metadata_stats {args.metadata_stats} not found")
 
 
 def _overrides(items: list[str]) -> dict:
@@ -82,59 +169,128 @@ def _overrides(items: list[str]) -> dict:
     raw = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--metadata_override expects KEY=VALUE, got {item!r}")
+            raise ArgumentProblem(f"--metadata_override expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         raw[key] = value
     typed = record_from_row(raw)
-    typed.pop("pathology", None) if "pathology" not in raw else None
+    if "pathology" not in raw:
+        typed.pop("pathology", None)
     return typed
+
+
+def _note(message: str) -> None:
+    print(f"{PROG}: note: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return _main(args, argv)
+    except ArgumentProblem as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from utils.reconstruction import mask_problem
+
+    check_args(args)
+    plan = None
+    if args.method == "diffusion":
+        from utils.diffusion_recon import resolve_model_plan
+
+        try:
+            plan = resolve_model_plan(args.pretrained_model_name_or_path, args.pretrained_model_type,
+                                      args.finetune_folder, args.metadata_stats)
+        except ValueError as err:
+            raise ArgumentProblem(str(err)) from None
+        for line in plan.notes:
+            _note(line)
+        if args.enable_condition_emb and not plan.metadata_stats:
+            raise ArgumentProblem("--enable_condition_emb needs --metadata_stats")
+    crop = args.crop_size
+    if crop is None:
+        crop = plan.train_size if plan is not None and plan.finetune_folder and plan.train_size else 320
+    if plan is not None and plan.train_size is not None and plan.train_size != crop:
+        raise ArgumentProblem(f"the model was trained at {plan.train_size}x{plan.train_size} but --crop_size is {crop}:"
+                              f" reconstruct data of the model's size")
+    problem = mask_problem(args.mask_type, args.acc_factor, args.center_fraction, (crop, crop))
+    if problem:
+        raise ArgumentProblem(problem)
+    overrides = _overrides(args.metadata_override)
     csvs = [c for c in (args.load_dir_meta_brain, args.load_dir_meta_knee, args.load_dir_meta_cardio) if c]
-    if not csvs:
-        raise SystemExit("give at least one of --load_dir_meta_brain / --load_dir_meta_knee / --load_dir_meta_cardio")
-    for c in csvs:
-        if not Path(c).is_file():
-            raise SystemExit(f"metadata CSV not found: {c}")
-    if args.method == "diffusion" and not (args.finetune_folder or args.pretrained_model_name_or_path):
-        raise SystemExit("method 'diffusion' needs --finetune_folder and/or --pretrained_model_name_or_path")
-    if args.enable_condition_emb and not args.metadata_stats:
-        raise SystemExit("--enable_condition_emb needs --metadata_stats")
+
+    from utils.data import MRISliceDataset
+
+    try:
+        dataset = MRISliceDataset(args.data_root, csvs, split=args.split, crop_size=crop, load_maps=True,
+                                  on_missing=args.on_missing)
+    except FileNotFoundError as err:  # rows whose files are missing or of the wrong size: bad input
+        lines = str(err).splitlines()
+        raise ArgumentProblem(lines[0] + (f" {lines[1].strip()}" if len(lines) > 1 else "") +
+                              (" ..." if len(lines) > 2 else "") + " (--on_missing skip drops them)") from None
+    except ValueError as err:  # no slices at all
+        print(f"{PROG}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    end = len(dataset) if args.end_idx is None else min(args.end_idx, len(dataset))
+    indices = list(range(args.start_idx, end))
+    if not indices:
+        print(f"{PROG}: error: no slices in [{args.start_idx}, {end}) (dataset has {len(dataset)})", file=sys.stderr)
+        return 1
 
     import torch
     from accelerate import PartialState
 
-    from utils.data import MRISliceDataset
-    from utils.reconstruction import ReconSettings, run_reconstruction, summarize
+    from utils.reconstruction import (
+        ReconSettings, RunMismatchError, data_identity, out_dir_for, prepare_out_dir, run_fingerprint,
+        run_reconstruction, summarize, summary_lines,
+    )
 
     state = PartialState()
     settings = ReconSettings(
         method=args.method, sampler=args.sampler, mask_type=args.mask_type, acc_factor=args.acc_factor,
-        center_fraction=args.center_fraction, num_steps=args.num_steps, eta=args.eta, gamma=args.gamma,
-        cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale, clip_x0=args.clip_x0,
-        drop_metadata_keys=list(args.drop_metadata_keys), uncond_drop_keys=args.uncond_drop_keys,
-        metadata_override=_overrides(args.metadata_override), mismatch_metadata=args.mismatch_metadata,
-        num_samples=args.num_samples, seed=args.seed,
-        batch_size=args.batch_size, cs_lambda=args.cs_lambda, cs_iter=args.cs_iter, save_png=not args.no_png,
-        tag=args.tag,
+        center_fraction=args.center_fraction, noise_sigma=args.noise_sigma, num_steps=args.num_steps, eta=args.eta,
+        gamma=args.gamma, cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale,
+        clip_x0=args.clip_x0, drop_metadata_keys=list(args.drop_metadata_keys), uncond_drop_keys=args.uncond_drop_keys,
+        metadata_override=overrides, mismatch_metadata=args.mismatch_metadata, num_samples=args.num_samples,
+        seed=args.seed, mixed_precision=args.mixed_precision, batch_size=args.batch_size, cs_lambda=args.cs_lambda,
+        cs_iter=args.cs_iter, save_png=not args.no_png, tag=args.tag,
     )
-    dataset = MRISliceDataset(args.data_root, csvs, split=args.split, crop_size=args.crop_size, load_maps=True,
-                              on_missing=args.on_missing)
-    end = len(dataset) if args.end_idx is None else min(args.end_idx, len(dataset))
-    indices = list(range(max(0, args.start_idx), end))
-    if not indices:
-        raise SystemExit(f"no slices in [{args.start_idx}, {end}) (dataset has {len(dataset)})")
+    model_id, stats = None, None
+    if plan is not None:
+        from utils.diffusion_recon import model_identity
+
+        model_id = model_identity(plan)
+        stats = plan.metadata_stats if args.enable_condition_emb else None
+    fingerprint = run_fingerprint(
+        settings, model=model_id, stats=stats, data=data_identity(dataset, csvs, args.split, crop),
+        info={"data_root": str(Path(args.data_root).resolve()), "csvs": [str(Path(c).resolve()) for c in csvs],
+              "finetune_folder": None if plan is None else plan.finetune_folder,
+              "pretrained_model_name_or_path": None if plan is None else plan.base,
+              "metadata_stats": stats},
+    )
+    out = out_dir_for(args.save_dir, settings, fingerprint, args.tag)
+    refusal = None
+    if state.is_main_process:
+        try:
+            prepare_out_dir(out, fingerprint, overwrite=args.overwrite, settings=settings)
+        except RunMismatchError as err:
+            refusal = str(err)
+    state.wait_for_everyone()  # the folder is claimed (or refused) before any process writes into it
+    if refusal is not None:
+        raise ArgumentProblem(refusal)
 
     diffusion = None
-    if args.method == "diffusion":
+    if plan is not None:
         from utils.diffusion_recon import DiffusionReconstructor, load_reconstruction_model
 
-        unet, conditioner, schedule = load_reconstruction_model(
-            args.pretrained_model_name_or_path, args.pretrained_model_type, args.finetune_folder,
-            args.enable_condition_emb, args.metadata_stats, device=state.device,
-        )
+        try:
+            unet, conditioner, schedule = load_reconstruction_model(
+                plan.base, plan.model_type, plan.finetune_folder, args.enable_condition_emb, plan.metadata_stats,
+                device=state.device,
+            )
+        except ValueError as err:
+            raise ArgumentProblem(str(err).splitlines()[0]) from None
         autocast = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
         diffusion = DiffusionReconstructor(
             unet, conditioner, schedule, sampler=args.sampler, num_steps=args.num_steps, eta=args.eta,
@@ -143,20 +299,48 @@ def main(argv: list[str] | None = None) -> int:
             autocast_dtype=autocast, clip_x0=args.clip_x0,
         )
 
-    out = run_reconstruction(dataset, settings, args.save_dir, diffusion=diffusion, device=state.device,
-                             process_index=state.process_index, num_processes=state.num_processes, indices=indices)
+    try:
+        run_reconstruction(dataset, settings, args.save_dir, diffusion=diffusion, device=state.device,
+                           process_index=state.process_index, num_processes=state.num_processes, indices=indices,
+                           fingerprint=fingerprint, out_dir=out)
+    except RunMismatchError as err:  # another process wrote a different run.json: the processes disagree
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
     state.wait_for_everyone()
-    if state.is_main_process:
-        summary = summarize(out, dataset, indices)
-        keys = ["fastmri_psnr", "fastmri_ssim", "fastmri_nmse", "contextmri_psnr", "contextmri_ssim", "time_s",
-                "nfe", "acceleration"]
-        print(f"{settings.run_tag}  {settings.mask_type} x{settings.acc_factor:g}  "
-              f"({summary['num_volumes']} volumes, {summary['num_slices']} slices)")
-        for k in keys:
-            print(f"  {k:16s} {summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}")
-        print(f"results: {out}")
-        (out / "command.json").write_text(json.dumps({"argv": sys.argv}, indent=2))
-    return 0
+    if not state.is_main_process:
+        return 0
+    summary = summarize(out, dataset)
+    _log_command(out, argv, indices, state.num_processes)
+    keys = ["fastmri_psnr", "fastmri_ssim", "fastmri_nmse", "contextmri_psnr", "contextmri_ssim", "time_s",
+            "nfe", "acceleration"]
+    print(f"{out.name}  {settings.mask_type} x{settings.acc_factor:g}  noise σ {settings.noise_sigma:g}  "
+          f"({summary['num_volumes']} volumes, {summary['num_slices']} slices scored)")
+    for line in summary_lines(summary):
+        print(f"  {line}")
+    for k in keys:
+        stat = summary[k]
+        text = "n/a" if stat["mean"] is None else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+        print(f"  {k:16s} {text}")
+    print(f"results: {out}")
+    return 1 if summary["num_slices_failed"] else 0
+
+
+def _log_command(out: Path, argv: list[str] | None, indices: list[int], num_processes: int) -> None:
+    """Append this invocation to ``command.json`` (every run that wrote into the folder, not just the last)."""
+    import json
+
+    from utils.files import write_json
+
+    path = out / "command.json"
+    try:
+        previous = json.loads(path.read_text()) if path.is_file() else []
+    except ValueError:
+        previous = []
+    if not isinstance(previous, list):  # older folders held one {"argv": ...} object
+        previous = [previous]
+    previous.append({"argv": sys.argv if argv is None else [sys.argv[0], *argv], "time": time.strftime("%FT%T%z"),
+                     "indices": [indices[0], indices[-1] + 1], "num_processes": num_processes})
+    write_json(path, previous)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,13 @@ def test_diffusion_ensemble_of_identical_samples_has_zero_std_and_recovers_truth
     assert (out / "png" / "file_0_000.png").stat().st_size > 0
 
 
+def _one_dir(parent: Path, pattern: str) -> Path:
+    """The single output folder matching ``pattern`` (default folders are a readable tag plus a short hash)."""
+    found = sorted(parent.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
 def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -147,8 +154,8 @@ def test_recon_script_zero_filled_and_cs(processed):
     for method in ("zero_filled", "cs"):
         proc = _run(base + ["--method", method, "--cs_iter", "30"], root)
         assert "fastmri_psnr" in proc.stdout
-    zf = json.loads((root / "results" / "uniform1d" / "acc_4" / "zero_filled" / "summary.json").read_text())
-    cs = json.loads((root / "results" / "uniform1d" / "acc_4" / "cs" / "summary.json").read_text())
+    zf = json.loads((_one_dir(root / "results" / "uniform1d" / "acc_4", "zero_filled-*") / "summary.json").read_text())
+    cs = json.loads((_one_dir(root / "results" / "uniform1d" / "acc_4", "cs-*") / "summary.json").read_text())
     assert cs["fastmri_psnr"]["mean"] > zf["fastmri_psnr"]["mean"]
 
 
@@ -172,8 +179,11 @@ def test_two_process_run_matches_one_process(processed):
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
           str(REPO / "recon_complex_multi.py"), *args, "--save_dir", str(root / "two")], root)
-    one = json.loads((root / "one" / "uniform1d" / "acc_8" / "zero_filled" / "summary.json").read_text())
-    two = json.loads((root / "two" / "uniform1d" / "acc_8" / "zero_filled" / "summary.json").read_text())
+    one_dir = _one_dir(root / "one" / "uniform1d" / "acc_8", "zero_filled-*")
+    two_dir = _one_dir(root / "two" / "uniform1d" / "acc_8", "zero_filled-*")
+    assert one_dir.name == two_dir.name  # the same run identity in one process and in two
+    one = json.loads((one_dir / "summary.json").read_text())
+    two = json.loads((two_dir / "summary.json").read_text())
     for key in ("fastmri_psnr", "fastmri_ssim", "contextmri_psnr", "acceleration"):
         assert two[key]["mean"] == pytest.approx(one[key]["mean"], rel=1e-6)
-    assert two["num_slices"] == one["num_slices"] == 4
+    assert two["num_slices"] == one["num_slices"] == 4 and two["complete"] and one["complete"]

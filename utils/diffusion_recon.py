@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,7 +157,7 @@ def _stats_keys(stats_path: str) -> list[str]:
 
 def load_reconstruction_model(
     pretrained_model_name_or_path: str | None,
-    pretrained_model_type: str = "fastmri",
+    pretrained_model_type: str | None = None,
     finetune_folder: str | None = None,
     enable_condition_emb: bool = False,
     metadata_stats: str | None = None,
@@ -164,7 +167,9 @@ def load_reconstruction_model(
 
     With ``finetune_folder`` (a ``train_mri.py`` output) the trained UNet/LoRA, condition embedder and scheduler are
     loaded (the released folder supplies the base UNet of a LoRA run and the CLIP text encoder); without it, the
-    released ContextMRI model with its CLIP prompt conditioning.
+    released ContextMRI model with its CLIP prompt conditioning. ``pretrained_model_type=None`` means the run's own
+    ``run_config.json`` value (a LoRA is applied to the base UNet it was trained on), else ``"fastmri"``; call
+    :func:`resolve_model_plan` first to have contradictions reported.
 
     Raises:
         ValueError: ``--enable_condition_emb`` without an embedder in the folder, or a stats file that does not match.
@@ -193,9 +198,190 @@ def load_reconstruction_model(
     from models.text_encoders import TextConditioner
     from models.unet import condition_dim, load_released_checkpoint
 
-    released = load_released_checkpoint(pretrained_model_name_or_path, pretrained_model_type)
+    released = load_released_checkpoint(pretrained_model_name_or_path, pretrained_model_type or DEFAULT_MODEL_TYPE)
     text = TextConditioner("clip", released.text_encoder, released.tokenizer, condition_dim(released.unet))
     conditioner = ConditionBuilder(text, None)
     unet = released.unet.to(device).eval().requires_grad_(False)
     conditioner.to(device).eval().requires_grad_(False)
     return unet, conditioner, DiffusionSchedule.from_scheduler(released.scheduler)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# what a reconstruction will load, resolved and identified without loading it (cheap: JSON files and hashes)
+# ----------------------------------------------------------------------------------------------------------------------
+
+DEFAULT_MODEL_TYPE = "fastmri"
+# What a training output folder holds for inference (utils/training/export.py); checkpoints and logs are not part.
+FINETUNE_ENTRIES = ("unet", "lora", "condition_embedder", "text_encoder", "tokenizer", "scheduler",
+                    "text_projection.safetensors", "run_config.json")
+
+
+@dataclass
+class ModelPlan:
+    """The model a reconstruction will load, resolved from the flags and the run's ``run_config.json``.
+
+    Attributes:
+        base: the released ``MRI_checkpoint`` folder used (LoRA base, text encoder, released model), or None.
+        model_type: the released UNet subfolder (``fastmri`` / ``skm-tea``).
+        finetune_folder: the training output folder, or None for the released model.
+        is_lora: the folder holds a LoRA adapter (applied to ``base/model_type``).
+        text_encoder_type: ``clip`` / ``t5`` / ``none``.
+        text_source: the folder the frozen text encoder is read from (None when it was trained, or no text).
+        metadata_stats: the stats file (the flag, else the run's own when that file exists).
+        train_size: the image side the model was trained at (``run_config.json`` ``resolution``, else the UNet's
+            ``sample_size``); None when unknown.
+        notes: what was resolved from the run and any ignored flag, one line each (printed by the script).
+    """
+
+    base: str | None
+    model_type: str
+    finetune_folder: str | None
+    is_lora: bool
+    text_encoder_type: str
+    text_source: str | None
+    metadata_stats: str | None
+    train_size: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+def read_run_config(finetune_folder: str | Path) -> dict[str, Any]:
+    """The ``run_config.json`` of a training output folder.
+
+    Raises:
+        ValueError: the folder is missing, is not a finished training run, or its config is not valid JSON.
+    """
+    folder = Path(finetune_folder)
+    if not folder.is_dir():
+        raise ValueError(f"--finetune_folder {folder} is not a folder")
+    path = folder / "run_config.json"
+    if not path.is_file():
+        raise ValueError(f"--finetune_folder {folder} is not a finished training run (no run_config.json)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def _sample_size(unet_dir: Path) -> int | None:
+    try:
+        value = json.loads((unet_dir / "config.json").read_text()).get("sample_size")
+    except (OSError, ValueError):
+        return None
+    if isinstance(value, (list, tuple)):
+        value = value[0] if len(set(value)) == 1 else None
+    return int(value) if value is not None else None
+
+
+def resolve_model_plan(
+    pretrained_model_name_or_path: str | None = None,
+    pretrained_model_type: str | None = None,
+    finetune_folder: str | None = None,
+    metadata_stats: str | None = None,
+) -> ModelPlan:
+    """Resolve what will be loaded: the run's own ``run_config.json`` values win unless a flag is given.
+
+    ``pretrained_model_type`` (None = not given) comes from the run config, else ``"fastmri"``. A given value that
+    contradicts the run's is refused for a LoRA run (the adapter would be applied to another base UNet) and noted as
+    ignored for a full UNet (the base is not read). The released folder defaults to the run's
+    ``pretrained_model_name_or_path``, the stats file to the run's ``metadata_stats`` when that file exists.
+
+    Raises:
+        ValueError: a contradiction that would load a wrong model, or a folder the model needs that is missing.
+    """
+    notes: list[str] = []
+    if finetune_folder is None:
+        if pretrained_model_name_or_path is None:
+            raise ValueError("method 'diffusion' needs --finetune_folder and/or --pretrained_model_name_or_path")
+        base = Path(pretrained_model_name_or_path)
+        model_type = pretrained_model_type or DEFAULT_MODEL_TYPE
+        if not (base / model_type / "config.json").is_file():
+            raise ValueError(f"--pretrained_model_name_or_path {base}: no UNet at {base / model_type}")
+        return ModelPlan(str(base), model_type, None, False, "clip", str(base), metadata_stats,
+                         _sample_size(base / model_type), notes)
+
+    cfg = read_run_config(finetune_folder)
+    folder = Path(finetune_folder)
+    run_type = cfg.get("pretrained_model_type")
+    is_lora = not (folder / "unet" / "config.json").is_file() and (folder / "lora").is_dir()
+    if not is_lora and not (folder / "unet" / "config.json").is_file():
+        raise ValueError(f"--finetune_folder {folder} has neither unet/ nor lora/ (an unfinished export?)")
+    if pretrained_model_type is None:
+        model_type = run_type or DEFAULT_MODEL_TYPE
+        if run_type and is_lora:
+            notes.append(f"base UNet type {run_type!r} from {folder / 'run_config.json'}")
+    else:
+        model_type = pretrained_model_type
+        if run_type and run_type != pretrained_model_type:
+            if is_lora:
+                raise ValueError(
+                    f"--pretrained_model_type {pretrained_model_type} contradicts {folder / 'run_config.json'}: the "
+                    f"LoRA adapter was trained on the {run_type!r} base UNet; leave the flag out (or pass {run_type})")
+            notes.append(f"--pretrained_model_type {pretrained_model_type} ignored: {folder} holds a full UNet "
+                         f"(trained from {run_type!r})")
+    base = pretrained_model_name_or_path or cfg.get("pretrained_model_name_or_path")
+    if pretrained_model_name_or_path is None and base:
+        notes.append(f"released folder {base} from run_config.json")
+    if is_lora:
+        if not base:
+            raise ValueError(f"{folder} holds a LoRA adapter: pass --pretrained_model_name_or_path (its base)")
+        if not (Path(base) / model_type / "config.json").is_file():
+            raise ValueError(f"the LoRA base UNet {Path(base) / model_type} is missing (--pretrained_model_name_or_path)")
+    text_type = cfg.get("text_encoder_type") or "clip"
+    text_source = None
+    if text_type != "none" and not (folder / "text_encoder" / "config.json").is_file():
+        text_source = cfg.get("text_encoder_path") or base
+        if text_source is None or not Path(text_source).is_dir():
+            raise ValueError(f"{folder} needs its {text_type} text encoder from {text_source} (not found): pass "
+                             "--pretrained_model_name_or_path")
+    stats = metadata_stats
+    run_stats = cfg.get("metadata_stats")
+    if stats is None and run_stats and cfg.get("enable_condition_emb") and Path(run_stats).is_file():
+        stats = run_stats
+        notes.append(f"metadata stats {run_stats} from run_config.json")
+    train_size = cfg.get("resolution")
+    if train_size is None:
+        train_size = _sample_size(Path(base) / model_type) if is_lora else _sample_size(folder / "unet")
+    return ModelPlan(None if base is None else str(base), model_type, str(folder), is_lora, text_type,
+                     None if text_source is None else str(text_source), stats,
+                     None if train_size is None else int(train_size), notes)
+
+
+def model_identity(plan: ModelPlan) -> dict[str, Any]:
+    """Content hashes of every file the planned model is built from (the fingerprint's ``model`` entry).
+
+    A training folder contributes its inference entries (:data:`FINETUNE_ENTRIES`: weights, embedder, scheduler,
+    ``run_config.json``; not checkpoints or logs); a LoRA run adds its base UNet folder, a frozen text encoder its
+    folder; the released model contributes its UNet, scheduler, text encoder and tokenizer folders. Names carry the
+    role (``finetune/…``, ``base/skm-tea/…``, ``text/…``) rather than the path, so moving a folder keeps the identity.
+
+    Returns:
+        ``{"kind", "model_type", "files": {name: sha256}}``.
+    """
+    from utils.reconstruction import folder_files, hash_files
+
+    files: dict[str, Path] = {}
+    if plan.finetune_folder is not None:
+        folder = Path(plan.finetune_folder)
+        for entry in FINETUNE_ENTRIES:
+            path = folder / entry
+            if path.is_file():
+                files[f"finetune/{entry}"] = path
+            else:
+                files.update(folder_files(path, f"finetune/{entry}"))
+        if plan.is_lora:
+            files.update(folder_files(Path(plan.base) / plan.model_type, f"base/{plan.model_type}"))
+        kind = "finetune-lora" if plan.is_lora else "finetune-unet"
+    else:
+        base = Path(plan.base)
+        for entry in (plan.model_type, "scheduler"):
+            files.update(folder_files(base / entry, f"base/{entry}"))
+        kind = "released"
+    if plan.text_source is not None:
+        src = Path(plan.text_source)
+        parts = [e for e in ("text_encoder", "tokenizer") if (src / e).is_dir()]
+        for entry in parts:
+            files.update(folder_files(src / entry, f"text/{entry}"))
+        if not parts:
+            files.update(folder_files(src, "text"))
+    return {"kind": kind, "model_type": plan.model_type if (plan.is_lora or plan.finetune_folder is None) else None,
+            "files": hash_files(files)}

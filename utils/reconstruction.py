@@ -825,3 +825,43 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
                      "not scored:")
         lines += [f"  {f['filename']} slice {f['slice']}: {f['reason']}" for f in summary["failed"][:10]]
     return lines
+
+
+def mask_problem(mask_type: str, acc_factor: float, center_fraction: float | None,
+                 shape: tuple[int, int]) -> str | None:
+    """Why a mask request cannot give the asked-for acceleration on images of ``shape``, or None if it can.
+
+    Mirrors :func:`utils.masks.get_mask`: a 1-D family samples ``round(W / R)`` of the ``W`` phase-encode lines, a 2-D
+    family ``round(H W / R)`` points, and both keep the fully sampled centre (``round(W cf)`` lines, or a
+    ``round(H cf) x round(W cf)`` square). A request whose budget is below one sample, or below the centre alone,
+    would silently run at another acceleration; family-specific limits (integer R for equispaced/magic) are found by
+    building one mask.
+    """
+    from utils.masks import TWO_D_TYPES
+
+    acc = float(acc_factor)
+    if not (math.isfinite(acc) and acc > 1):
+        return f"--acc_factor must be a finite number > 1, got {acc_factor}"
+    if center_fraction is not None and not (math.isfinite(center_fraction) and 0 < center_fraction < 1):
+        return f"--center_fraction must lie in (0, 1), got {center_fraction}"
+    cf = default_center_fraction(acc) if center_fraction is None else float(center_fraction)
+    h, w = int(shape[0]), int(shape[1])
+    if mask_type in TWO_D_TYPES:
+        total, centre, unit = h * w, round(h * cf) * round(w * cf), "k-space points"
+    else:
+        total, centre, unit = w, round(w * cf), "phase-encode lines"
+    budget = round(total / acc)
+    if budget < 1:
+        return (f"--acc_factor {acc:g} leaves {budget} of the {total} {unit} of {h}x{w} images: choose R <= "
+                f"{total}")
+    if centre > budget and mask_type != "magic_fraction":  # magic_fraction shrinks its centre to the budget
+        return (f"the fully sampled centre ({centre} {unit}, --center_fraction {cf:g}) exceeds the {budget} of "
+                f"{total} that R = {acc:g} allows on {h}x{w} images: lower --center_fraction or --acc_factor")
+    if mask_type != "poisson2d":  # poisson2d compiles a numba sampler: its budget check above suffices
+        try:
+            result = get_mask(mask_type, (h, w), acc, center_fraction=center_fraction, seed=0)
+        except ValueError as err:
+            return f"--mask_type {mask_type} --acc_factor {acc:g}: {err}"
+        if float(result.mask.sum()) < 1:
+            return f"--mask_type {mask_type} --acc_factor {acc:g} samples nothing on {h}x{w} images"
+    return None
