@@ -115,3 +115,30 @@ def test_torch_complex_inputs_and_shapes() -> None:
         evaluate_volume(gt, pred, protocol="nonsense")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         to_magnitude(np.zeros((2, 2, 3, 3)))
+
+
+@pytest.mark.parametrize("protocol", ["fastmri", "contextmri"])
+@pytest.mark.parametrize("bad", ["pred", "gt", "both"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_inputs_score_nan_not_a_number(protocol, bad, value) -> None:
+    """A NaN/inf image is undefined under both protocols: never ~10 dB for a NaN image or SSIM 1 for a NaN pair."""
+    gt = _phantom()
+    pred = gt + 0.01
+    gt_b, pred_b = gt.copy(), pred.copy()
+    if bad in ("gt", "both"):
+        gt_b[1, 3, 4] = value
+    if bad in ("pred", "both"):
+        pred_b[1, 3, 4] = value
+    out = evaluate_volume(gt_b, pred_b, protocol=protocol)
+    assert math.isnan(out["psnr"]) and math.isnan(out["ssim"]) and math.isnan(out["nmse"])
+    # the same slice pair, all finite, is scored normally
+    good = evaluate_volume(gt, pred, protocol=protocol)
+    assert math.isfinite(good["psnr"]) and 0 < good["ssim"] < 1
+
+
+def test_minmax_normalize_marks_non_finite_slices() -> None:
+    vol = _phantom()
+    vol[0, 0, 0] = np.nan
+    out = minmax_normalize(vol)
+    assert np.isnan(out[0]).all()  # the slice with a NaN is NaN, not silently zeros
+    assert np.isfinite(out[1:]).all() and out[1:].min() == 0.0 and out[1:].max() == 1.0

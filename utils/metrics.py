@@ -18,6 +18,11 @@ Every number this project reports carries the label of the protocol that produce
 
 Inputs may be numpy arrays or torch tensors, ``[S, H, W]`` or a single ``[H, W]`` slice. Complex inputs are turned into
 magnitudes; real inputs are taken as magnitude images as they are. All arithmetic is float64 numpy on CPU.
+
+Non-finite inputs. A metric of an image (or reference) holding a NaN or ±inf is undefined: every metric returns NaN
+then (under both protocols, per slice for the ContextMRI one), never a number. Without this rule the min-max
+normalisation of the ContextMRI protocol turned a NaN image into zeros (PSNR ~10 dB) and a NaN pair into two equal
+zero images (SSIM 1.0). Callers decide what a NaN means (the reconstruction runner marks the slice as failed).
 """
 
 from __future__ import annotations
@@ -65,6 +70,10 @@ def _pair(gt: ArrayLike, pred: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return g, p
 
 
+def _finite(*arrays: np.ndarray) -> bool:
+    return all(bool(np.isfinite(a).all()) for a in arrays)
+
+
 def minmax_normalize(x: ArrayLike) -> np.ndarray:
     """Per-slice min-max normalisation of a magnitude volume to ``[0, 1]`` (the ContextMRI protocol).
 
@@ -72,12 +81,15 @@ def minmax_normalize(x: ArrayLike) -> np.ndarray:
         x: ``[S, H, W]`` or ``[H, W]`` (complex -> magnitude).
 
     Returns:
-        float64 ``[S, H, W]``; a constant slice maps to zeros.
+        float64 ``[S, H, W]``; a constant slice maps to zeros, a slice with any non-finite value to all-NaN.
     """
     m = to_magnitude(x)
-    lo = m.min(axis=(1, 2), keepdims=True)
-    span = m.max(axis=(1, 2), keepdims=True) - lo
-    return np.where(span > 0, (m - lo) / np.where(span > 0, span, 1.0), 0.0)
+    bad = ~np.isfinite(m).all(axis=(1, 2), keepdims=True)
+    safe = np.where(np.isfinite(m), m, 0.0)
+    lo = safe.min(axis=(1, 2), keepdims=True)
+    span = safe.max(axis=(1, 2), keepdims=True) - lo
+    out = np.where(span > 0, (safe - lo) / np.where(span > 0, span, 1.0), 0.0)
+    return np.where(bad, np.nan, out)
 
 
 def _psnr_from_mse(mse: float, data_range: float) -> float:
@@ -94,9 +106,11 @@ def nmse(gt: ArrayLike, pred: ArrayLike) -> float:
         pred: reconstruction, same shape.
 
     Returns:
-        NMSE (0 for identical inputs).
+        NMSE (0 for identical inputs; NaN if either input holds a non-finite value or ``gt`` is all zero).
     """
     g, p = _pair(gt, pred)
+    if not _finite(g, p) or not np.any(g):
+        return math.nan
     return float(np.sum((g - p) ** 2) / np.sum(g**2))
 
 
@@ -109,9 +123,11 @@ def psnr(gt: ArrayLike, pred: ArrayLike, data_range: float | None = None) -> flo
         data_range: peak value; default ``max(gt)`` of the volume (fastMRI).
 
     Returns:
-        PSNR in dB; ``inf`` when the inputs are identical.
+        PSNR in dB; ``inf`` when the inputs are identical; NaN if either input holds a non-finite value.
     """
     g, p = _pair(gt, pred)
+    if not _finite(g, p):
+        return math.nan
     dr = float(g.max()) if data_range is None else float(data_range)
     return _psnr_from_mse(float(np.mean((g - p) ** 2)), dr)
 
@@ -170,9 +186,11 @@ def ssim(
         k2: contrast constant (0.03).
 
     Returns:
-        Mean SSIM over slices (1 for identical inputs).
+        Mean SSIM over slices (1 for identical inputs; NaN if either input holds a non-finite value).
     """
     g, p = _pair(gt, pred)
+    if not _finite(g, p):
+        return math.nan
     dr = float(g.max()) if data_range is None else float(data_range)
     return float(np.mean([ssim_slice(g[i], p[i], dr, win_size, k1, k2) for i in range(g.shape[0])]))
 
@@ -188,10 +206,13 @@ def contextmri_metrics(gt: ArrayLike, pred: ArrayLike) -> dict[str, Any]:
 
     Each slice of ``gt`` and of ``pred`` is min-max normalised to ``[0, 1]`` on its own; every metric is computed per
     slice with ``data_range = 1`` and averaged over slices (PSNR averaged in dB; ``inf`` if any slice is exact).
+    Every metric is NaN if any slice of either input holds a non-finite value.
     """
     g, p = minmax_normalize(gt), minmax_normalize(pred)
     if g.shape != p.shape:
         raise ValueError(f"gt and pred shapes differ: {g.shape} vs {p.shape}")
+    if not _finite(g, p):
+        return {"protocol": "contextmri", "psnr": math.nan, "ssim": math.nan, "nmse": math.nan, "num_slices": len(g)}
     per_psnr = [_psnr_from_mse(float(np.mean((g[i] - p[i]) ** 2)), 1.0) for i in range(len(g))]
     per_ssim = [ssim_slice(g[i], p[i], 1.0) for i in range(len(g))]
     tiny = np.finfo(np.float64).tiny
