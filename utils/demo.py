@@ -179,14 +179,19 @@ def train(cfg: DemoConfig, method: str, text_folder: Path) -> Path:
 
 
 def reconstruct(cfg: DemoConfig, acc: float, tag: str, extra: list) -> Path:
+    """Run ``recon_complex_multi.py`` into ``recon/{mask}/acc_{R}/{tag}``.
+
+    Always called: the script resumes a folder whose ``run.json`` fingerprint matches these settings (finished slices
+    are skipped, so a repeated demo costs only the model loading) and refuses one that holds other settings, so a
+    changed demo setting can never reuse stale numbers.
+    """
     root = cfg.output_dir / "fastmri"
     save = cfg.output_dir / "recon"
     out = save / cfg.mask_type / f"acc_{acc:g}" / tag
-    if not (out / "summary.json").is_file():
-        _run(["recon_complex_multi.py", "--data_root", root, "--load_dir_meta_brain", root / "metadata_brain_val.csv",
-              "--crop_size", cfg.crop_size, "--mask_type", cfg.mask_type, "--acc_factor", acc, "--save_dir", save,
-              "--tag", tag, "--end_idx", cfg.max_val_slices, "--batch_size", cfg.max_val_slices, "--num_steps",
-              cfg.recon_steps, "--gamma", cfg.gamma, "--seed", cfg.seed, *extra], cfg, f"recon_{tag}_x{acc:g}")
+    _run(["recon_complex_multi.py", "--data_root", root, "--load_dir_meta_brain", root / "metadata_brain_val.csv",
+          "--crop_size", cfg.crop_size, "--mask_type", cfg.mask_type, "--acc_factor", acc, "--save_dir", save,
+          "--tag", tag, "--end_idx", cfg.max_val_slices, "--batch_size", cfg.max_val_slices, "--num_steps",
+          cfg.recon_steps, "--gamma", cfg.gamma, "--seed", cfg.seed, *extra], cfg, f"recon_{tag}_x{acc:g}")
     return out
 
 

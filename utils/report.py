@@ -29,8 +29,26 @@ def load_result(label: str, acc_factor: float, out_dir: str | Path) -> MethodRes
     return MethodResult(label, acc_factor, out, json.loads((out / "summary.json").read_text()))
 
 
-def _pm(stat: Mapping[str, float], fmt: str) -> str:
+def _pm(stat: Mapping[str, float | None], fmt: str) -> str:
+    if stat.get("mean") is None:  # nothing scored (strict JSON writes an undefined mean as null)
+        return "n/a"
     return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else f"{value:{fmt}}"
+
+
+def coverage_note(summary: Mapping[str, Any]) -> str:
+    """What a summary's means leave out, in a few words ("" when every volume was scored)."""
+    parts = []
+    if summary.get("num_volumes_incomplete"):
+        parts.append(f"{summary['num_volumes_incomplete']} volume(s) incomplete")
+    if summary.get("num_volumes_not_started"):
+        parts.append(f"{summary['num_volumes_not_started']} volume(s) not run")
+    if summary.get("num_slices_failed"):
+        parts.append(f"{summary['num_slices_failed']} slice(s) failed")
+    return "; ".join(parts)
 
 
 def results_table(results: Sequence[MethodResult]) -> tuple[str, list[dict[str, Any]]]:
@@ -40,10 +58,12 @@ def results_table(results: Sequence[MethodResult]) -> tuple[str, list[dict[str, 
     lines, rows = [header], []
     for r in results:
         s = r.summary
+        note = coverage_note(s)
+        label = f"{r.label} ({s['num_volumes']} volumes scored; {note})" if note else r.label
         lines.append(
-            f"| {r.label} | {r.acc_factor:g} ({s['acceleration']['mean']:.2f}) | {_pm(s['fastmri_psnr'], '.2f')} | "
-            f"{_pm(s['fastmri_ssim'], '.4f')} | {_pm(s['fastmri_nmse'], '.4f')} | {s['time_s']['mean']:.2f} | "
-            f"{s['nfe']['mean']:.0f} |"
+            f"| {label} | {r.acc_factor:g} ({_num(s['acceleration']['mean'], '.2f')}) | "
+            f"{_pm(s['fastmri_psnr'], '.2f')} | {_pm(s['fastmri_ssim'], '.4f')} | {_pm(s['fastmri_nmse'], '.4f')} | "
+            f"{_num(s['time_s']['mean'], '.2f')} | {_num(s['nfe']['mean'], '.0f')} |"
         )
         rows.append({
             "method": r.label, "acc_factor": r.acc_factor, "achieved_acceleration": s["acceleration"]["mean"],
@@ -51,13 +71,20 @@ def results_table(results: Sequence[MethodResult]) -> tuple[str, list[dict[str, 
                                               "contextmri_ssim") for m in ("mean", "std")},
             "time_per_slice_s": s["time_s"]["mean"], "nfe_per_slice": s["nfe"]["mean"],
             "num_volumes": s["num_volumes"], "num_slices": s["num_slices"],
+            "num_slices_failed": s.get("num_slices_failed", 0), "complete": s.get("complete", True),
         })
     return "\n".join(lines), rows
 
 
-def _slice_rows(out_dir: str | Path, metric: str) -> dict[tuple[str, int], float]:
+def _slice_rows(out_dir: str | Path, metric: str) -> dict[tuple[str, int], float | None]:
+    """``{(file, slice): metric}`` of every row; None for a failed slice or an undefined value."""
     rows = (json.loads(p.read_text()) for p in sorted((Path(out_dir) / "rows").glob("*/*.json")))
-    return {(r["filename"], int(r["slice"])): float(r[metric]) for r in rows}
+    out: dict[tuple[str, int], float | None] = {}
+    for r in rows:
+        value = r.get(metric)
+        ok = r.get("status", "ok") == "ok" and value is not None and np.isfinite(value)
+        out[(r["filename"], int(r["slice"]))] = float(value) if ok else None
+    return out
 
 
 def paired_comparison(dir_a: str | Path, dir_b: str | Path, metric: str = "contextmri_psnr") -> dict[str, float]:
@@ -68,17 +95,21 @@ def paired_comparison(dir_a: str | Path, dir_b: str | Path, metric: str = "conte
 
     Returns:
         ``mean_diff``, ``se`` (standard error of the mean difference), ``wins`` (slices where ``a`` is higher),
-        ``num_slices``.
+        ``num_slices`` (pairs compared), ``num_excluded`` (slices failed in either run, left out).
 
     Raises:
-        ValueError: the runs do not cover the same slices.
+        ValueError: the runs do not cover the same slices, or no slice succeeded in both.
     """
     a, b = _slice_rows(dir_a, metric), _slice_rows(dir_b, metric)
     if not a or a.keys() != b.keys():
         raise ValueError(f"{dir_a} and {dir_b} do not hold the same slices ({len(a)} vs {len(b)} rows)")
-    diff = np.array([a[k] - b[k] for k in sorted(a)])
+    keys = [k for k in sorted(a) if a[k] is not None and b[k] is not None]
+    if not keys:
+        raise ValueError(f"no slice of {dir_a} and {dir_b} succeeded in both runs")
+    diff = np.array([a[k] - b[k] for k in keys])
     se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
-    return {"mean_diff": float(diff.mean()), "se": se, "wins": int((diff > 0).sum()), "num_slices": int(diff.size)}
+    return {"mean_diff": float(diff.mean()), "se": se, "wins": int((diff > 0).sum()), "num_slices": int(diff.size),
+            "num_excluded": len(a) - len(keys)}
 
 
 def _gt(item) -> np.ndarray:
@@ -106,8 +137,10 @@ def uncertainty_calibration(out_dir: str | Path, dataset: Sequence) -> dict[str,
         if not std_path.is_file():
             continue
         gt = _gt(item)
-        err = np.abs(np.load(rec_path) - gt)
-        std = np.load(std_path)
+        rec, std = np.load(rec_path), np.load(std_path)
+        if not (np.isfinite(rec).all() and np.isfinite(std).all()):
+            continue  # a failed slice (flagged in its row) has no meaningful spread
+        err = np.abs(rec - gt)
         inside = _support(gt)
         rho = spearmanr(std[inside].ravel(), err[inside].ravel()).statistic
         if np.isfinite(rho):
