@@ -391,61 +391,64 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
     epoch = state.epoch
     last_checkpoint = resume
     check_grad_norm = accelerator.scaler is None  # fp16's scaler skips overflowing steps on its own
-    while not done:
-        data.sampler.select_epoch(epoch)
-        data.dataset.select_epoch(epoch)
-        skip = state.batch_in_epoch if epoch == state.epoch else 0
-        epoch_loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-        for batch_index, batch in enumerate(epoch_loader, start=skip):
-            gen = step_generator(config.seed, epoch, batch_index, accelerator.process_index)
-            with accelerator.accumulate(model):
-                loss, timesteps = training_loss(model, batch, alphas_cumprod, gen, ood_t_min, prediction_type)
-                if not _all_finite(accelerator, loss):  # before backward: nothing is learnt from it
-                    raise _non_finite_error(accelerator, "loss", loss, state.global_step + 1, epoch, batch_index,
-                                            batch, last_checkpoint)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                    if check_grad_norm and grad_norm is not None and not _all_finite(accelerator, grad_norm):
-                        raise _non_finite_error(accelerator, "gradient norm", grad_norm, state.global_step + 1,
-                                                epoch, batch_index, batch, last_checkpoint)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            loss_count += 1
-            if step_callback is not None:
-                step_callback(StepInfo(state.global_step, epoch, batch_index, float(loss.detach()),
-                                       timesteps.detach().cpu(), batch.is_ood.detach().cpu()))
-            if not accelerator.sync_gradients:
-                continue
+    try:  # the bar ends its line before any error message
+        while not done:
+            data.sampler.select_epoch(epoch)
+            data.dataset.select_epoch(epoch)
+            skip = state.batch_in_epoch if epoch == state.epoch else 0
+            epoch_loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+            for batch_index, batch in enumerate(epoch_loader, start=skip):
+                gen = step_generator(config.seed, epoch, batch_index, accelerator.process_index)
+                with accelerator.accumulate(model):
+                    loss, timesteps = training_loss(model, batch, alphas_cumprod, gen, ood_t_min, prediction_type)
+                    if not _all_finite(accelerator, loss):  # before backward: nothing is learnt from it
+                        raise _non_finite_error(accelerator, "loss", loss, state.global_step + 1, epoch, batch_index,
+                                                batch, last_checkpoint)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                        if check_grad_norm and grad_norm is not None and not _all_finite(accelerator, grad_norm):
+                            raise _non_finite_error(accelerator, "gradient norm", grad_norm, state.global_step + 1,
+                                                    epoch, batch_index, batch, last_checkpoint)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                loss_count += 1
+                if step_callback is not None:
+                    step_callback(StepInfo(state.global_step, epoch, batch_index, float(loss.detach()),
+                                           timesteps.detach().cpu(), batch.is_ood.detach().cpu()))
+                if not accelerator.sync_gradients:
+                    continue
 
-            state.global_step += 1
-            state.epoch, state.batch_in_epoch = epoch, batch_index + 1
-            if ema is not None:
-                ema.update(params)
-            mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean")
-            logs = {"train/loss": float(mean_loss), "train/lr": lr_scheduler.get_last_lr()[0], "train/epoch": epoch}
-            if is_ood:
-                logs["train/ood_fraction"] = float(batch.is_ood.float().mean())
-            loss_sum.zero_()
-            loss_count = 0
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
-            accelerator.log(logs, step=state.global_step)
+                state.global_step += 1
+                state.epoch, state.batch_in_epoch = epoch, batch_index + 1
+                if ema is not None:
+                    ema.update(params)
+                mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean")
+                logs = {"train/loss": float(mean_loss), "train/lr": lr_scheduler.get_last_lr()[0],
+                        "train/epoch": epoch}
+                if is_ood:
+                    logs["train/ood_fraction"] = float(batch.is_ood.float().mean())
+                loss_sum.zero_()
+                loss_count = 0
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                accelerator.log(logs, step=state.global_step)
 
-            if state.global_step % config.checkpointing_steps == 0:
-                last_checkpoint = save_checkpoint(accelerator, config, state)
-            if config.validation_steps and state.global_step % config.validation_steps == 0:
-                _validate(accelerator, config, unwrapped, ema, params, data.validation_items, alphas_cumprod,
-                          state.global_step)
-            if state.global_step >= max_steps:
-                done = True
-                break
-        if state.epoch != epoch and not done:
-            raise RuntimeError(f"epoch {epoch} produced no optimiser step (too few batches per process?)")
-        epoch += 1
-    progress.close()
+                if state.global_step % config.checkpointing_steps == 0:
+                    last_checkpoint = save_checkpoint(accelerator, config, state)
+                if config.validation_steps and state.global_step % config.validation_steps == 0:
+                    _validate(accelerator, config, unwrapped, ema, params, data.validation_items, alphas_cumprod,
+                              state.global_step)
+                if state.global_step >= max_steps:
+                    done = True
+                    break
+            if state.epoch != epoch and not done:
+                raise RuntimeError(f"epoch {epoch} produced no optimiser step (too few batches per process?)")
+            epoch += 1
+    finally:
+        progress.close()
     elapsed = time.perf_counter() - t_start
     accelerator.print(f"trained to step {state.global_step} in {elapsed:.1f} s")
 

@@ -101,7 +101,7 @@ def inspect_output_dir(output_dir: str | Path) -> FolderRun:
             found.configs.append((str(path / RUN_CONFIG_NAME), stored))
         elif top_config is None:  # a checkpoint of an older version: the top-level config is its best description
             found.unknown.append(f"{path.name} (no {RUN_CONFIG_NAME})")
-    if found.export_items and top_config is None:
+    if found.export_items and not found.configs:  # a partial export belongs to the run its checkpoints describe
         found.unknown.append(f"a model without {RUN_CONFIG_NAME}")
     return found
 
@@ -130,7 +130,7 @@ def check_output_dir(output_dir: str | Path, current: Mapping[str, Any], overwri
         return True
     if differing:
         names = sorted(differing)
-        where, stored = differing[names[0]]
+        where = differing[names[0]][0]
         detail = "; ".join(describe_differences(differing[n][1], current, [n]) for n in names)
         what = f"another run that differs in {', '.join(names)}: {detail} (from {where})"
     else:
