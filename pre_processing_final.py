@@ -2,9 +2,10 @@
 
 Example::
 
-    python pre_processing_final.py --input_dir /data/fastmri/multicoil_train --output_root ./fastmri --train
+    python pre_processing_final.py --input_dir /data/fastmri/multicoil_train --output_root ./fastmri --train \\
+        --num_workers 2 --write_stats
     python pre_processing_final.py --input_dir /data/fastmri/multicoil_val --output_root ./fastmri \\
-        --num_workers 2 --fastmri_plus_csv brain.csv --write_stats
+        --num_workers 2 --fastmri_plus_csv brain.csv
 
 Writes ``{output_root}/{anatomy}_mvue_{crop}_{train|val}/{slice,mps,scale}/...`` and
 ``{output_root}/metadata_{anatomy}_{train|val}.csv`` (see ``utils/preprocessing.py``). Reruns skip finished slices.
