@@ -145,3 +145,27 @@ def test_mapping_protocol_values_and_corrupt_file(tmp_path, capsys):
     assert list(df.filename.unique()) == ["P002_T1map"] and len(df) == 2
     assert (df.TR == 2.67).all() and (df.TE == 1.13).all() and (df.sequence == "MOLLI").all()
     assert df.TI.isna().all() and df.flip_angle.isna().all()
+
+
+def test_nonfinite_frame_is_reported_and_skipped(cmrx2023, tmp_path, capsys):
+    import h5py
+
+    root = tmp_path / "in"
+    shutil.copytree(cmrx2023, root)
+    (path,) = [p for p in root.rglob("FullSample/P001/cine_sax.mat")]
+    with h5py.File(path, "r+") as f:  # h5 order (frames, slices, coils, ky, kx), compound (real, imag)
+        block = f["kspace_full"][1, 0]
+        block["real"][0, :4, :4] = np.nan
+        f["kspace_full"][1, 0] = block
+    out = tmp_path / "out"
+    args = ["--input_dir", str(root), "--output_dir", str(out), "--crop_size", str(CROP), "--no_progress", *ESPIRIT]
+    assert pre_process_cmrx.main(args) == 1
+    printed = capsys.readouterr().out
+    assert "FAILED P001_cine_sax: 1 slice(s) skipped: slice 0 frame 1: non-finite k-space (16 of" in printed
+    df = pd.read_csv(out / "metadata_cardiology_train.csv")
+    sax = df[df.filename == "P001_cine_sax"]
+    assert len(df) == 2 * 3 + 1 * 3 - 1 and (0, 1) not in set(zip(sax.slice, sax.frame))
+    ds = out / f"heart_mvue_{CROP}_train" / "slice" / "P001_cine_sax"
+    assert not (ds / "001.npy").exists()
+    # the slice's other frames keep maps calibrated on the usable frames only
+    assert all(np.isfinite(np.load(ds / f"{i:03d}.npy")).all() for i in (0, 2, 3, 4, 5))

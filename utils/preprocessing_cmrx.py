@@ -28,6 +28,7 @@ from utils.preprocessing import (
     check_kspace,
     finish_run,
     dataset_dir,
+    kspace_problem,
     process_kspace_slice,
     run_in_pool,
     write_slices,
@@ -163,7 +164,9 @@ def process_cmrx_series(series: Any, cfg: CardiacConfig) -> FileReport:
                 elif z in maps_cache:
                     return maps_cache[z]
                 else:  # frame-averaged k-space: the sensitivities are the same in every frame
-                    k_cal = np.mean([ks.read(z, tt) for tt in range(nt)], axis=0)
+                    # (only usable frames: one NaN frame must not spoil the maps of the whole slice)
+                    usable = [k for k in (ks.read(z, tt) for tt in range(nt)) if kspace_problem(k) is None]
+                    k_cal = np.mean(usable, axis=0)
                 params = espirit
                 if not series.fully_sampled:
                     acs = acs_width(frame_mask(k_cal if k_frame is None else k_frame, t).max(axis=0))
