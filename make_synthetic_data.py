@@ -7,6 +7,8 @@ Examples:
     python make_synthetic_data.py --format fastmri --output_dir data/fastmri_brain --num_volumes 8 --val_fraction 0.25
     python make_synthetic_data.py --format fastmri --output_dir /tmp/tiny --num_volumes 2 --num_slices 4 \\
         --matrix 64x32 --num_coils 4,8 --seed 1
+    python make_synthetic_data.py --format fastmri --output_dir /tmp/tiny --num_volumes 1 --num_slices 2 \\
+        --matrix 64x32 --num_coils 4 --challenge_accelerations 4 8     # + test-format copies
     python make_synthetic_data.py --format cmrx --layout 2024 --output_dir data/cmrx --num_volumes 2 --num_frames 12
 """
 
@@ -60,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lesion_prob", type=float, default=0.3, help="subjects with white-matter hyperintensities")
     g.add_argument("--snr", type=float, default=None, help="SNR at 1.5 T (fastMRI 40; CMRx 25)")
     g.add_argument("--protocol_csv", type=str, default=None, help="metadata CSV to draw protocols from")
+    g.add_argument("--challenge_accelerations", type=int, nargs="*", default=[],
+                   help="also write fastMRI test-format copies (masked kspace + mask + attributes, no target) at these "
+                        "rates, under {output_dir}/challenge_acc{R}/")  # fmt: skip
+    g.add_argument("--challenge_mask_type", default="equispaced_fraction",
+                   choices=["random", "equispaced", "equispaced_fraction", "magic", "magic_fraction"])
+    g.add_argument("--challenge_center_fraction", type=float, default=None,
+                   help="fully sampled centre fraction of the test-format copies (default: fastMRI's for the rate)")
     g = p.add_argument_group("CMRxRecon")
     g.add_argument("--layout", choices=("2023", "2024"), default="2023")
     g.add_argument("--num_frames", type=int, default=12)
@@ -85,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 acquisitions=args.acquisitions, vendors=args.vendors, field_strengths=args.field_strengths,
                 lesion_prob=args.lesion_prob, snr=args.snr or 40.0, val_fraction=args.val_fraction,
                 ground_truth=not args.no_ground_truth, protocol_table=args.protocol_csv,
+                challenge_accelerations=tuple(args.challenge_accelerations),
+                challenge_mask_type=args.challenge_mask_type, challenge_center_fraction=args.challenge_center_fraction,
             )  # fmt: skip
             generate_fastmri_dataset(config)
         else:

@@ -71,6 +71,10 @@ class FastMRIConfig:
         val_fraction: if set, that fraction of subjects goes to ``val/``, the rest to ``train/``.
         ground_truth: write the sidecars.
         protocol_table: metadata CSV to draw protocols from (``None``: the shipped real distribution).
+        challenge_accelerations: for each rate ``R`` also write a fastMRI *test/challenge*-format copy of every volume
+            under ``{output_dir}/challenge_acc{R}/[split/]`` (see :func:`write_challenge_copy`).
+        challenge_mask_type: the mask family of those copies (a fastMRI family of :mod:`utils.masks`).
+        challenge_center_fraction: their fully sampled centre fraction (``None``: fastMRI's default for the rate).
     """
 
     output_dir: Path
@@ -89,6 +93,9 @@ class FastMRIConfig:
     ground_truth: bool = True
     protocol_table: str | None = None
     id_offset: int = 2010000
+    challenge_accelerations: tuple[int, ...] = ()
+    challenge_mask_type: str = "equispaced_fraction"
+    challenge_center_fraction: float | None = None
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -102,6 +109,13 @@ class FastMRIConfig:
         lo, hi = self.pe_fraction
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError("pe_fraction must satisfy 0 < lo <= hi <= 1")
+        self.challenge_accelerations = tuple(int(r) for r in self.challenge_accelerations)
+        if any(r < 2 for r in self.challenge_accelerations):
+            raise ValueError(f"challenge accelerations must be integers >= 2, got {self.challenge_accelerations}")
+        from utils.masks import FASTMRI_TYPES
+
+        if self.challenge_mask_type not in FASTMRI_TYPES:
+            raise ValueError(f"challenge_mask_type must be one of {FASTMRI_TYPES}, got {self.challenge_mask_type!r}")
 
 
 @dataclass
@@ -220,6 +234,11 @@ def simulate_fastmri_volume(config: FastMRIConfig, index: int, split: str | None
         f.attrs["norm"] = float(np.linalg.norm(rss))
         f.attrs["patient_id"] = patient_id
 
+    for rate in config.challenge_accelerations:
+        challenge_dir = config.output_dir / f"challenge_acc{rate}"
+        write_challenge_copy(path, challenge_dir / split if split else challenge_dir, rate, config.challenge_mask_type,
+                             config.challenge_center_fraction)
+
     acq = protocol.acq
     records = [
         {
@@ -264,6 +283,54 @@ def simulate_fastmri_volume(config: FastMRIConfig, index: int, split: str | None
         records=records,
         annotations=annotations,
     )
+
+
+def write_challenge_copy(
+    source: Path,
+    out_dir: Path,
+    acceleration: int,
+    mask_type: str = "equispaced_fraction",
+    center_fraction: float | None = None,
+) -> Path:
+    """Write the fastMRI test/challenge-format copy of a fully sampled simulated file.
+
+    As the real test files: ``kspace`` already masked (unsampled columns exactly zero), a 1-D ``mask`` dataset over the
+    phase-encode width (float32 0/1; the same mask for every slice), attributes ``acceleration`` (the nominal rate),
+    ``num_low_frequency``, ``acquisition``, ``max``, ``norm``, ``patient_id``, the same ``ismrmrd_header``, and no
+    ``reconstruction_rss``. The mask is seeded from (file name, rate), never from the volume's random stream, so adding
+    copies leaves the fully sampled files bit-identical.
+
+    Args:
+        source: the fully sampled file.
+        out_dir: folder of the copy (created); the copy keeps the file name.
+        acceleration: nominal rate R.
+        mask_type: a fastMRI mask family.
+        center_fraction: fully sampled centre fraction (``None``: fastMRI's default for the rate).
+
+    Returns:
+        The copy's path.
+    """
+    from utils.masks import get_mask, seed_from_name
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / source.name
+    with h5py.File(source, "r") as src:
+        s, c, big_h, w = src["kspace"].shape
+        m = get_mask(mask_type, (big_h, w), float(acceleration), center_fraction=center_fraction,
+                     seed=seed_from_name(source.name, int(acceleration)))
+        mask = m.mask[0].numpy().astype(np.float32)
+        with h5py.File(dest, "w", libver="earliest") as f:
+            f.create_dataset("ismrmrd_header", data=src["ismrmrd_header"][()],
+                             dtype=h5py.string_dtype("ascii"), track_times=False)  # fmt: skip
+            kds = f.create_dataset("kspace", shape=(s, c, big_h, w), dtype=np.complex64, track_times=False)
+            for i in range(s):
+                kds[i] = src["kspace"][i] * mask[None, None, :]
+            f.create_dataset("mask", data=mask, track_times=False)
+            for key in ("acquisition", "max", "norm", "patient_id"):
+                f.attrs[key] = src.attrs[key]
+            f.attrs["acceleration"] = int(acceleration)
+            f.attrs["num_low_frequency"] = int(m.num_center_lines)
+    return dest
 
 
 def _csv_value(v) -> str | int | float:
