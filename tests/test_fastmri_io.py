@@ -78,3 +78,23 @@ def test_truncated_file_raises(tmp_path):
     with pytest.raises(OSError):
         with FastMRIFile.open(path) as f:
             f.read_kspace()
+
+
+def test_unusable_header_numbers_are_missing_and_reported(real_header_xml):
+    xml = (real_header_xml.replace("<TR>9000</TR>", "<TR>abc</TR>").replace("<TE>86</TE>", "<TE>-1e30</TE>")
+           .replace("<TI>2500</TI>", "<TI>inf</TI>")
+           .replace("<systemFieldStrength_T>1.494</systemFieldStrength_T>",
+                    "<systemFieldStrength_T>300</systemFieldStrength_T>"))  # fmt: skip
+    assert xml.count("abc") == 1 and "-1e30" in xml and ">inf<" in xml and ">300<" in xml
+    h = parse_ismrmrd_header(xml)
+    assert h.TR is None and h.TI is None and h.TE == -1e30  # parsing keeps what is a number; the range check is next
+    assert h.unparsable == {"sequenceParameters/TR": "abc", "sequenceParameters/TI": "inf"}
+    problems: list[str] = []
+    meta = header_metadata(h, num_coils=16, problems=problems)
+    assert meta["TR"] is None and meta["TE"] is None and meta["TI"] is None and meta["field_strength"] is None
+    assert meta["flip_angle"] == 150.0 and meta["matrix_x"] == 640 and isinstance(meta["matrix_x"], int)
+    assert sorted(p.split(":")[0] for p in problems) == ["TE", "TI", "TR", "field_strength"]
+    problems = []
+    meta = header_metadata(None, num_coils=4, problems=problems)
+    assert len(problems) == 1 and "no ismrmrd_header" in problems[0]
+    assert meta["num_coils"] == 4 and all(meta[k] is None for k in ("TR", "TE", "vendor", "field_strength"))

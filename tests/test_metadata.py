@@ -77,3 +77,29 @@ def test_real_knee_slice_is_percentile_normalised(test_data_dir):
     x = np.load(test_data_dir / "knee_file1001429_020.npy")
     assert x.dtype == np.complex64 and x.shape == (320, 320)
     assert math.isclose(float(np.percentile(np.abs(x), 99)), 1.0, rel_tol=1e-3)
+
+
+def test_numbers_must_be_finite_and_plausible():
+    from utils.metadata import clean_number
+
+    assert clean_number("TR", "3120") == (3120.0, None)
+    assert clean_number("TR", "") == (None, None) and clean_number("TR", "n/a") == (None, None)  # missing, no problem
+    for key, raw in [("TR", "abc"), ("TR", "inf"), ("TR", "-1e30"), ("TE", "1e30"), ("flip_angle", "-5"),
+                     ("field_strength", "0"), ("field_strength", "25"), ("TI", "-inf"), ("num_coils", "0")]:
+        value, problem = clean_number(key, raw)
+        assert value is None and problem is not None, (key, raw)
+    assert clean_number("TI", "0")[0] == 0.0 and clean_number("field_strength", "0.55")[0] == 0.55
+    rec = record_from_row({"filename": "f", "slice": "3", "TR": "Infinity", "TE": "-1e30", "flip_angle": "90"})
+    assert rec["TR"] is None and rec["TE"] is None and rec["flip_angle"] == 90.0 and rec["slice_number"] == 3.0
+    assert "TR" not in build_prompt({**rec, "TR": math.inf})  # a non-finite number never reaches the prompt
+
+
+def test_stats_bounds_are_finite(tmp_path):
+    stats = compute_metadata_stats([{"TR": math.inf}, {"TR": -1e30}, {"TR": 500.0}, {"TR": "abc"}])
+    assert stats["TR"] == {"min": 500.0, "max": 500.0}
+    with pytest.raises(ValueError, match="'TR'"):
+        save_metadata_stats({"TR": {"min": 0.0, "max": math.inf}}, tmp_path / "s.json")
+    assert not (tmp_path / "s.json").exists()
+    (tmp_path / "inverted.json").write_text('{"TE": {"min": 10, "max": 1}}')
+    with pytest.raises(ValueError, match="min > max"):
+        load_metadata_stats(tmp_path / "inverted.json")
