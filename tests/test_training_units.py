@@ -178,3 +178,69 @@ def test_resume_lookup(tmp_path):
     assert resolve_resume_checkpoint(tmp_path, "checkpoint-5").name == "checkpoint-5"
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         resolve_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-60"))
+
+
+# ------------------------------------------------------------------------------------------------------ run identity
+def test_run_identity_ignores_bookkeeping_and_counts_the_rest():
+    from utils.training.config import NON_IDENTITY_FIELDS, run_identity_differences
+
+    base = TrainConfig(unet_config="tiny").to_dict()
+    bookkeeping = dict(base, output_dir="elsewhere", checkpointing_steps=7, checkpoints_total_limit=2,
+                       resume_from_checkpoint="latest", report_to="none", validation_steps=3)
+    assert run_identity_differences(base, bookkeeping) == []
+    assert run_identity_differences(base, dict(base, seed=1, cfg_prob=0.1)) == ["cfg_prob", "seed"]
+    # run length: free under a constant schedule (a run may be continued), part of the identity under a decaying one
+    assert run_identity_differences(base, dict(base, max_train_steps=99)) == []
+    linear = dict(base, lr_scheduler="linear")
+    assert run_identity_differences(linear, dict(linear, max_train_steps=99)) == ["max_train_steps"]
+    # a key written before a field existed counts as its default; an unknown new key counts too
+    old = {k: v for k, v in base.items() if k != "ema_decay"}
+    assert run_identity_differences(old, base) == [] and run_identity_differences(old, dict(base, ema_decay=0.5))
+    assert run_identity_differences(base, dict(base, some_new_field=1)) == ["some_new_field"]
+    assert set(NON_IDENTITY_FIELDS) <= {f.name for f in dataclasses.fields(OODTrainConfig)}
+
+
+def _ckpt_with_config(root, step, config, files=None):
+    from utils.training.checkpointing import write_checkpoint_config
+
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainable.safetensors").write_bytes(b"weights")
+    write_checkpoint_config(path, config)
+    mark_complete(path, TrainingState(global_step=step))
+    return path
+
+
+def test_latest_skips_other_runs_and_damaged_checkpoints(tmp_path, caplog):
+    run = TrainConfig(unet_config="tiny").to_dict()
+    _ckpt_with_config(tmp_path, 5, run)
+    damaged = _ckpt_with_config(tmp_path, 10, run)
+    _ckpt_with_config(tmp_path, 20, dict(run, seed=1))
+    (damaged / "trainable.safetensors").write_bytes(b"weightz")  # same size, other bytes
+    with caplog.at_level("WARNING"):
+        assert resolve_resume_checkpoint(tmp_path, "latest", run).name == "checkpoint-5"
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "checkpoint-20: a checkpoint of another run (--seed 42 (there: 1))" in text
+    assert "damaged checkpoint" in text and "checkpoint-10" in text and "trainable.safetensors" in text
+    with pytest.raises(ConfigError, match="another run.*--seed"):
+        resolve_resume_checkpoint(tmp_path, "checkpoint-20", run)
+    with pytest.raises(ConfigError, match="damaged checkpoint.*trainable.safetensors"):
+        resolve_resume_checkpoint(tmp_path, "checkpoint-10", run)
+
+
+def test_output_dir_of_unknown_or_other_run_refused_unless_overwrite(tmp_path):
+    from utils.training.run_folder import check_output_dir, clear_run
+
+    run = TrainConfig(unet_config="tiny").to_dict()
+    assert check_output_dir(tmp_path / "new", run, overwrite=False, resume=None) is False
+    (tmp_path / "notes.txt").write_text("mine")  # not a run: ignored, never removed
+    assert check_output_dir(tmp_path, run, overwrite=False, resume=None) is False
+    _fake_ckpt(tmp_path, 3)  # an old-style checkpoint: no run_config.json anywhere
+    with pytest.raises(ConfigError, match="settings are unknown: checkpoint-3"):
+        check_output_dir(tmp_path, run, overwrite=False, resume="latest")
+    assert check_output_dir(tmp_path, run, overwrite=True, resume="latest") is True
+    assert clear_run(tmp_path) == ["checkpoint-3"] and (tmp_path / "notes.txt").is_file()
+    _ckpt_with_config(tmp_path, 4, run)
+    assert check_output_dir(tmp_path, dict(run, output_dir="x"), overwrite=False, resume="latest") is False
+    assert check_output_dir(tmp_path, run, overwrite=True, resume="latest") is False  # same run: resumed, kept
+    assert check_output_dir(tmp_path, run, overwrite=True, resume=None) is True  # asked to start over
