@@ -244,6 +244,15 @@ def _alive(procs: list) -> list:
     return alive
 
 
+def _ppid(proc) -> int | None:
+    import psutil
+
+    try:
+        return proc.ppid()
+    except psutil.NoSuchProcess:
+        return None
+
+
 def test_killed_parent_leaves_no_process_behind(tmp_path):
     """SIGKILL and SIGTERM of the parent, and Ctrl-C (SIGINT to the process group), of a 2-worker run.
 
@@ -272,7 +281,7 @@ def test_killed_parent_leaves_no_process_behind(tmp_path):
                     continue
                 assert proc.poll() is None, f"run for {sig.name} ended before it was killed: {proc.stderr.read()}"
                 desc = _descendants(proc.pid)
-                workers = [p for p in desc if p.ppid() != proc.pid]  # children of the forkserver
+                workers = [p for p in _alive(desc) if _ppid(p) not in (proc.pid, None)]  # the forkserver's children
                 if len(workers) >= 2:
                     tracked[sig] = desc  # forkserver, resource tracker, workers
                     if sig is signal.SIGINT:
