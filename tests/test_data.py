@@ -84,7 +84,7 @@ def test_real_metadata_csvs_load(test_data_dir, tmp_path):
     assert len(knee) == 1774 and len(brain) == 2000
     assert {r["contrast"] for r in knee} == {"PD", "PDFS"}
     assert {r["anatomy"] for r in brain} == {"brain"}
-    assert any(len(r["pathology"]) > 1 for r in brain)
+    assert any(len(r["pathology"] or []) > 1 for r in brain)  # None = not annotated
     rec = next(r for r in knee if r["filename"] == "file1001429" and r["slice"] == 20)
     assert build_prompt(rec) == REAL_KNEE_PROMPT
     # A dataset over the real CSVs with only some slices on disk: skip (with a warning) or fail clearly.
