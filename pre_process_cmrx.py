@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(err), 2)
     try:
         summary = run_cmrx_preprocessing(cfg, show_progress=not args.no_progress)
+    except KeyboardInterrupt:  # one process (--num_workers 1): finished slices are on disk
+        return _error("interrupted; finished slices are kept, rerun the same command to resume", 130)
     except ValueError as err:  # e.g. an unreadable existing metadata CSV
         return _error(str(err), 1)
     print(summary.format())

@@ -31,6 +31,7 @@ from utils.preprocessing import (
     EspiritParams,
     PreprocessConfig,
     list_h5_files,
+    load_fastmri_plus,
     run_preprocessing,
 )
 
@@ -96,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     # every check before any heavy work (and before any worker exists)
     if not args.input_dir.is_dir():
         return _error(f"--input_dir {args.input_dir} is not a folder", 2)
-    if args.fastmri_plus_csv is not None and not args.fastmri_plus_csv.is_file():
-        return _error(f"--fastmri_plus_csv not found: {args.fastmri_plus_csv}", 2)
+    if args.fastmri_plus_csv is not None:
+        if not args.fastmri_plus_csv.is_file():
+            return _error(f"--fastmri_plus_csv not found: {args.fastmri_plus_csv}", 2)
+        try:
+            load_fastmri_plus(args.fastmri_plus_csv)
+        except ValueError as err:
+            return _error(f"--fastmri_plus_csv: {err}", 2)
     if args.write_stats and not args.train:
         return _error(STATS_TRAIN_ONLY, 2)
     try:
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"no .h5 files in {cfg.input_dir}", 1)
     try:
         summary = run_preprocessing(cfg, show_progress=not args.no_progress)
+    except KeyboardInterrupt:  # one process (--num_workers 1): finished slices are on disk
+        return _error("interrupted; finished slices are kept, rerun the same command to resume", 130)
     except ValueError as err:  # e.g. an unreadable existing metadata CSV: the slices are on disk, a rerun resumes
         return _error(str(err), 1)
     print(summary.format())

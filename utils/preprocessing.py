@@ -548,6 +548,8 @@ class RunSummary:
         if self.csv_counts:
             total = MergeCounts(*(sum(c[i] for c in self.csv_counts.values()) for i in range(4)))
             lines.append(f"  metadata rows: {total.format()}")
+        else:
+            lines.append("  metadata rows: none from this run (existing CSVs untouched)")
         if self.stats_path is not None:
             lines.append(f"  stats: {self.stats_path}")
         return "\n".join(lines)
@@ -740,7 +742,7 @@ def _stop_workers_on_signal(pool: ProcessPoolExecutor) -> Iterator[None]:
         yield
     finally:
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 def run_in_pool(
@@ -805,7 +807,13 @@ def list_h5_files(input_dir: Path) -> list[Path]:
 def run_preprocessing(cfg: PreprocessConfig, show_progress: bool = True) -> RunSummary:
     """Preprocess a folder of fastMRI h5 files and write the metadata CSV(s) (and stats, if asked).
 
-    Files that fail are reported in the summary and left out of the CSV; the others are processed.
+    Files that fail are reported in the summary and left out of the CSV (a file with unusable slices is reported as
+    failed but keeps the rows of its good slices); the others are processed. The rows are merged into the root's CSVs
+    (:func:`merge_metadata_csv`).
+
+    Raises:
+        FileNotFoundError: ``cfg.input_dir`` is not a folder (and ``cfg.files`` is not given).
+        ValueError: an unreadable fastMRI+ CSV or existing metadata CSV.
     """
     start = time.perf_counter()
     files = cfg.files if cfg.files is not None else list_h5_files(cfg.input_dir)
