@@ -190,7 +190,8 @@ def test_batches_accumulate_in_the_csv(tmp_path, capsys):
     csv = pd.read_csv(out / "metadata_brain_train.csv")
     assert list(zip(csv["filename"], csv["slice"])) == [(a0.stem, 0), (a0.stem, 1), (a0.stem, 2), (b1.stem, 0),
                                                         (b1.stem, 1), (b2.stem, 0), (b2.stem, 1)]  # fmt: skip
-    assert set(csv.loc[csv["filename"] == b1.stem, "TR"]) == {6000} and set(csv.loc[csv["filename"] == a0.stem, "TR"]) == {5000}
+    assert set(csv.loc[csv["filename"] == b1.stem, "TR"]) == {6000}
+    assert set(csv.loc[csv["filename"] == a0.stem, "TR"]) == {5000}
     stats_b = load_metadata_stats(out / "metadata_stats.json")  # from the union: batch A's TR is still in range
     assert stats_a["TR"] == {"min": 5000.0, "max": 5000.0} and stats_b["TR"] == {"min": 5000.0, "max": 6000.0}
     assert not list(out.glob(".*.tmp"))

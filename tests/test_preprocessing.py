@@ -150,7 +150,8 @@ def test_resume_after_killed_run(gen_dir, processed, tmp_path):
     scale_file.write_text(json.dumps(info))
     untouched = ds / "slice" / stem / "000.npy"
     before = untouched.stat().st_mtime_ns
-    cfg = PreprocessConfig(input_dir=gen_dir, output_root=out, split="train", crop_size=FASTMRI_CROP, espirit=SMALL_ESPIRIT)
+    cfg = PreprocessConfig(input_dir=gen_dir, output_root=out, split="train", crop_size=FASTMRI_CROP,
+                           espirit=SMALL_ESPIRIT)
     summary = run_preprocessing(cfg, show_progress=False)
     assert summary.ok
     assert (summary.slices_written, summary.slices_skipped) == (2, 4)

@@ -307,7 +307,8 @@ def header_metadata(
 
     notes: list[str] = []
     if header is None:
-        notes.append("no ismrmrd_header: sequence, TR, TE, TI, flip angle, field strength, scanner, matrix, FOV left empty")
+        notes.append("no ismrmrd_header: sequence, TR, TE, TI, flip angle, field strength, scanner, matrix, FOV "
+                     "left empty")
     h = header or IsmrmrdHeader()
     for path, text in h.unparsable.items():
         column = _HEADER_COLUMN.get(path)
