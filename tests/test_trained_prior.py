@@ -43,7 +43,7 @@ def test_trained_model_beats_zero_filling_on_held_out_slices(tmp_path, one_threa
     common = ["--data_root", str(tmp_path), "--load_dir_meta_brain", str(val_csv), "--crop_size", "32",
               "--mask_type", "uniform1d", "--acc_factor", "4", "--save_dir", str(tmp_path / "recon"), "--no_png",
               "--batch_size", "6"]
-    assert recon_complex_multi.main(common + ["--method", "zero_filled"]) == 0
+    assert recon_complex_multi.main(common + ["--method", "zero_filled", "--tag", "zero_filled"]) == 0
     # Noiseless retrospective data: strong data consistency (γ = 50) is the right weighting.
     assert recon_complex_multi.main(common + ["--finetune_folder", str(model), "--num_steps", "20", "--gamma", "50",
                                               "--tag", "trained"]) == 0
