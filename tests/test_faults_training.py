@@ -126,7 +126,7 @@ class _Killed(Exception):
 def test_export_killed_between_files_is_not_a_model(data, tmp_path, one_thread, monkeypatch):
     import utils.training.export as export
     from utils.training.export import load_trained_model
-    from utils.training.run_folder import IncompleteExportError
+    from utils.training.run_folder import IncompleteExportError, seal_legacy_export
 
     out = tmp_path / "run"
     real_move = export._move_into_place
@@ -145,22 +145,33 @@ def test_export_killed_between_files_is_not_a_model(data, tmp_path, one_thread, 
     assert moved == ["unet"] and _unet_file(out).is_file()  # the weights are there, the rest is not
     with pytest.raises(IncompleteExportError, match="incomplete export.*--resume_from_checkpoint latest"):
         load_trained_model(out)
+    with pytest.raises(ValueError, match="not a complete export: missing run_config.json"):
+        seal_legacy_export(out)
     # The same command with --resume_from_checkpoint latest finishes the export from the last checkpoint.
     assert _main(_args(data, out, "--resume_from_checkpoint", "latest")) == 0
     assert load_trained_model(out).unet is not None and not (out / ".export.tmp").exists()
 
 
-def test_folder_with_checkpoints_only_says_training_did_not_finish(data, tmp_path, one_thread):
+def test_folder_without_record_is_refused_and_a_legacy_export_can_be_sealed(data, tmp_path, one_thread):
+    import shutil
+
     from utils.training.export import load_trained_model
-    from utils.training.run_folder import IncompleteExportError
+    from utils.training.run_folder import IncompleteExportError, main as run_folder_main
 
     out = tmp_path / "run"
     assert _main(_args(data, out)) == 0
+    (out / "weights.sha256.json").unlink()  # what a model exported before records existed looks like
+    with pytest.raises(IncompleteExportError, match="incomplete export"):
+        load_trained_model(out)
+    assert run_folder_main(["--seal", str(out)]) == 0  # the user vouches that it finished
+    assert load_trained_model(out).unet is not None
+
     for name in ("unet", "scheduler", "run_config.json", "weights.sha256.json"):
         path = out / name
-        __import__("shutil").rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     with pytest.raises(IncompleteExportError, match="no exported model yet.*--resume_from_checkpoint latest"):
         load_trained_model(out)
+    assert run_folder_main(["--seal", str(out)]) == 2  # nothing to seal: refused
 
 
 # ----------------------------------------------------------------------------------------------------- flipped bytes
@@ -211,3 +222,21 @@ def test_nan_image_stops_training_with_the_message_and_exports_nothing(data, tmp
     assert not list(out.glob("checkpoint-*"))  # checkpointing_steps 1: step 1 never completed
     for name in ("unet", "run_config.json", "weights.sha256.json", ".export.tmp"):
         assert not (out / name).exists(), name
+
+
+def test_non_finite_gradient_norm_stops_before_the_step(data, tmp_path, one_thread, monkeypatch):
+    from accelerate import Accelerator
+
+    from utils.training.config import NonFiniteLossError
+
+    calls = []
+
+    def inf_norm(self, parameters, max_norm, norm_type=2):
+        calls.append(max_norm)
+        return torch.tensor(float("inf"))
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", inf_norm)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm \(inf\) at optimiser step 1"):
+        _main(_args(data, out), callback=lambda info: None)
+    assert calls and not list(out.glob("checkpoint-*")) and not (out / "unet").exists()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.files import sha256_file, sha256_json
+from utils.files import sha256_file, sha256_json, write_json
 from utils.training.checkpointing import RUN_CONFIG_NAME, list_checkpoints, read_checkpoint_config
 from utils.training.config import ConfigError, describe_differences, run_identity_differences
 
@@ -220,3 +220,61 @@ def export_fingerprint(folder: str | Path) -> str:
     Reads only the record: call :func:`verify_export` (``load_trained_model`` does) to check the files themselves.
     """
     return sha256_json(read_export_record(folder)["files"])
+
+
+def seal_legacy_export(folder: str | Path) -> dict[str, Any]:
+    """Write the completion record for a model exported before records existed (so it loads again).
+
+    Only for a folder you know finished its export: the layout is checked (``run_config.json``, ``unet/`` or
+    ``lora/``, ``scheduler/``) and every safetensors file must open, but a killed old export cannot be told apart
+    from a finished one in general.
+
+    Raises:
+        ValueError: a record exists already, or the layout is incomplete or a weight file unreadable.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if (folder / EXPORT_RECORD_NAME).exists():
+        raise ValueError(f"{folder} already has {EXPORT_RECORD_NAME}")
+    missing = [name for name in (RUN_CONFIG_NAME, "scheduler/scheduler_config.json") if not (folder / name).is_file()]
+    if not ((folder / "unet" / "config.json").is_file() or (folder / "lora").is_dir()):
+        missing.append("unet/config.json or lora/")
+    if missing:
+        raise ValueError(f"{folder} is not a complete export: missing {', '.join(missing)}")
+    staged = {name: folder / name for name in (*EXPORT_ITEMS, RUN_CONFIG_NAME) if (folder / name).exists()}
+    files: dict[str, str] = {}
+    for name, path in staged.items():
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                if file.suffix == ".safetensors":
+                    try:
+                        with safe_open(str(file), framework="pt") as handle:
+                            handle.keys()
+                    except Exception as err:  # noqa: BLE001 - any damage
+                        raise ValueError(f"{file} unreadable: {err}") from err
+                files[file.relative_to(folder).as_posix()] = sha256_file(file)
+    record = {"format": RECORD_FORMAT, "global_step": None, "files": files, "sealed_legacy": True}
+    write_json(folder / EXPORT_RECORD_NAME, record, sort_keys=True)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m utils.training.run_folder --seal FOLDER``: record the hashes of a pre-record export."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=seal_legacy_export.__doc__.splitlines()[0])
+    parser.add_argument("--seal", required=True, metavar="FOLDER", help="training output folder to seal")
+    args = parser.parse_args(argv)
+    try:
+        record = seal_legacy_export(args.seal)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.seal}: recorded the sha256 of {len(record['files'])} files in {EXPORT_RECORD_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
