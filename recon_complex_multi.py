@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
                    help="network precision; data consistency always runs in fp32/complex64")
     g = p.add_argument_group("data")
-    g.add_argument("--data_root", required=True, help="root holding {anatomy}_mvue_{crop}_{split}/")
+    g.add_argument("--data_root", default=None,
+                   help="root holding {anatomy}_mvue_{crop}_{split}/ (required unless --raw_dir is given)")
     g.add_argument("--load_dir_meta_brain", default=None, help="brain metadata CSV")
     g.add_argument("--load_dir_meta_knee", default=None, help="knee metadata CSV")
     g.add_argument("--load_dir_meta_cardio", default=None, help="cardiac metadata CSV")
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="replace the results of another run in the --tag folder (matching results are resumed)")
     g.add_argument("--no_png", action="store_true")
+    # --- raw acquisitions (issue 14): options and run live in utils/raw_cli.py ---
+    from utils.raw_cli import add_raw_arguments
+
+    add_raw_arguments(p)
     return p
 
 
@@ -184,7 +189,13 @@ def _note(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.raw_dir is not None:  # --- raw acquisitions (issue 14): utils/raw_cli.py ---
+        from utils.raw_cli import raw_main
+
+        return raw_main(args, argv, build_parser, PROG)
     try:
+        if args.data_root is None:
+            raise ArgumentProblem("give --data_root (preprocessed slices) or --raw_dir (raw k-space files)")
         return _main(args, argv)
     except ArgumentProblem as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)

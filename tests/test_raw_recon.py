@@ -220,3 +220,23 @@ def test_metadata_from_header_and_csv_override(raw_dir, tmp_path) -> None:
     assert list_raw_files(path) == [path]
     with pytest.raises(FileNotFoundError):
         list_raw_files(tmp_path / "nothing")
+
+
+def test_script_raw_dir_smoke_and_refusals(raw_dir, tmp_path, capsys) -> None:
+    """``recon_complex_multi.py --raw_dir``: test files need no mask flags; contradicting ones exit 2 with one line."""
+    import recon_complex_multi
+
+    test_dir = raw_dir / "challenge_acc4"
+    rc = recon_complex_multi.main(["--raw_dir", str(test_dir), "--method", "zero_filled", "--save_dir", str(tmp_path)])
+    assert rc == 0
+    files = list(tmp_path.glob("raw/file_mask/zero_filled-*/reconstructions/*.h5"))
+    assert [f.name for f in files] == [p.name for p in test_dir.glob("*.h5")]
+    with h5py.File(files[0], "r") as f:
+        assert f["reconstruction"].shape == (2, 48, 48) and f["reconstruction"].dtype == np.float32
+    capsys.readouterr()
+    rc = recon_complex_multi.main(["--raw_dir", str(test_dir), "--method", "zero_filled", "--acc_factor", "8",
+                                   "--save_dir", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "contradicts" in err and len(err.splitlines()) == 1
+    rc = recon_complex_multi.main(["--method", "zero_filled", "--save_dir", str(tmp_path)])
+    assert rc == 2 and "--raw_dir" in capsys.readouterr().err

@@ -164,14 +164,41 @@ def raw_out_dir(save_dir: str | Path, settings: RawReconSettings, fingerprint: d
     return Path(save_dir) / "raw" / mask_part / name
 
 
-def validate_volumes(volumes: Sequence[RawVolume], settings: RawReconSettings) -> None:
-    """Refuse flags that contradict a test file, and validation files without a mask choice (one line each)."""
+def validate_volumes(
+    volumes: Sequence[RawVolume],
+    settings: RawReconSettings,
+    test_mask_type: str | None | object = ...,
+    test_acc_factor: float | None | object = ...,
+) -> None:
+    """Refuse flags that contradict a test file, and validation files without a mask choice (one line each).
+
+    ``test_mask_type``/``test_acc_factor``: the flags the user actually gave, checked against test files (default:
+    the settings' values); a folder mixing file types undersamples its validation files with the settings' mask.
+    """
+    mt = settings.mask_type if test_mask_type is ... else test_mask_type
+    acc = settings.acc_factor if test_acc_factor is ... else test_acc_factor
     for v in volumes:
         if v.kind == "test":
-            check_test_flags(v, settings.mask_type, settings.acc_factor)
+            check_test_flags(v, mt, acc)
         elif settings.mask_type is None or settings.acc_factor is None:
             raise ValueError(f"{v.path.name} holds full k-space: give --mask_type and --acc_factor for its "
                              "retrospective undersampling")  # fmt: skip
+
+
+#: What a raw run writes into its folder besides ``run.json``/``settings.json`` (cleared by ``--overwrite``).
+RAW_RESULT_ENTRIES = ("rows", "slices", "reconstructions", "summary.json", "summary.csv")
+
+
+def clear_raw_results(folder: str | Path) -> None:
+    """Delete the results a raw run wrote into ``folder`` (:data:`RAW_RESULT_ENTRIES`), nothing else."""
+    import shutil
+
+    for entry in RAW_RESULT_ENTRIES:
+        path = Path(folder) / entry
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,7 +263,7 @@ def run_raw_reconstruction(
     from tqdm.auto import tqdm
 
     out = Path(out)
-    validate_volumes(volumes, settings)
+    validate_volumes(volumes, settings, test_mask_type=None, test_acc_factor=None)  # flags: the caller (CLI) checks
     if settings.method == "diffusion" and diffusion is None:
         raise ValueError("method 'diffusion' needs a diffusion reconstructor (a model)")
     plan = [(vi, idx) for vi, v in enumerate(volumes) for idx in range(v.num_slices)]

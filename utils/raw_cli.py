@@ -1,0 +1,170 @@
+"""``recon_complex_multi.py --raw_dir``: the command line of raw-acquisition reconstruction
+(:mod:`utils.raw_reconstruction`), kept out of the script so the script's ``--data_root`` path stays as it is.
+
+Exit status: 0 when every slice succeeded, 1 when a slice failed (non-finite output), 2 for bad arguments or
+unreadable input files (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def add_raw_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--raw_dir`` options (every other option is shared with the ``--data_root`` mode)."""
+    g = parser.add_argument_group("raw acquisitions (--raw_dir, instead of --data_root)")
+    g.add_argument("--raw_dir", default=None,
+                   help="fastMRI multi-coil h5 file or folder of them: validation files (full k-space, undersampled "
+                        "with --mask_type/--acc_factor) or test/challenge files (their own mask is used)")
+    g.add_argument("--metadata_csv", default=None,
+                   help="CSV (filename, slice, any metadata column) overriding/adding the header's values per slice")
+    g.add_argument("--gamma_rule", default="fixed", choices=["fixed", "noise"],
+                   help="DDS γ: --gamma as is, or lowered per slice from the estimated noise σ "
+                        "(1/γ_eff = 1/γ + 2σ²/s², docs/raw_reconstruction.md)")
+    g.add_argument("--prior_error_std", type=float, default=0.1, help="s of the 'noise' γ rule")
+    g.add_argument("--outside", default="lsq", choices=["lsq", "zero"],
+                   help="the field of view outside the prior's window: regularised least squares, or empty")
+
+
+def explicit_flags(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None) -> set[str]:
+    """The destinations the user actually typed (a second parse with every default suppressed)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    ns, _ = p.parse_known_args(argv)
+    return set(vars(ns))
+
+
+def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Callable[[], argparse.ArgumentParser],
+             prog: str) -> int:
+    """Run a ``--raw_dir`` reconstruction from parsed arguments; returns the exit status."""
+    def fail(message: str, code: int = 2) -> int:
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        return code
+
+    from utils.raw_data import list_raw_files, load_metadata_overrides, open_raw_volume
+
+    if args.data_root is not None:
+        return fail("give --raw_dir or --data_root, not both")
+    given = explicit_flags(build_parser, argv)
+    try:
+        files = list_raw_files(args.raw_dir)
+        overrides = load_metadata_overrides(args.metadata_csv) if args.metadata_csv else None
+    except (FileNotFoundError, ValueError) as err:
+        return fail(str(err).splitlines()[0])
+    volumes = []
+    for path in files:
+        try:
+            volumes.append(open_raw_volume(path, overrides))
+        except (OSError, ValueError) as err:
+            return fail(f"{path}: not a readable fastMRI multi-coil file ({str(err).splitlines()[0]})")
+    all_test = all(v.kind == "test" for v in volumes)
+    mask_type = args.mask_type if ("mask_type" in given or not all_test) else None
+    acc = args.acc_factor if ("acc_factor" in given or not all_test) else None
+
+    import torch
+    from accelerate import PartialState
+
+    from utils.raw_reconstruction import (
+        RawReconSettings, clear_raw_results, raw_data_identity, raw_out_dir, run_raw_reconstruction, summarize_raw,
+        validate_volumes,
+    )  # fmt: skip
+    from utils.reconstruction import RunMismatchError, prepare_out_dir, run_fingerprint
+
+    plan = None
+    if args.method == "diffusion":
+        from utils.diffusion_recon import resolve_model_plan
+
+        try:
+            plan = resolve_model_plan(args.pretrained_model_name_or_path, args.pretrained_model_type,
+                                      args.finetune_folder, args.metadata_stats)  # fmt: skip
+        except ValueError as err:
+            return fail(str(err).splitlines()[0])
+        if args.enable_condition_emb and not plan.metadata_stats:
+            return fail("--enable_condition_emb needs --metadata_stats")
+    try:
+        settings = RawReconSettings(
+            method=args.method, sampler=args.sampler, mask_type=mask_type, acc_factor=acc,
+            center_fraction=args.center_fraction, num_steps=args.num_steps, eta=args.eta, gamma=args.gamma,
+            gamma_rule=args.gamma_rule, prior_error_std=args.prior_error_std, cg_iter=args.cg_iter,
+            dps_step=args.dps_step, guidance_scale=args.guidance_scale, clip_x0=args.clip_x0,
+            drop_metadata_keys=list(args.drop_metadata_keys), uncond_drop_keys=args.uncond_drop_keys,
+            num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, cs_lambda=args.cs_lambda,
+            cs_iter=args.cs_iter, outside=args.outside, mixed_precision=args.mixed_precision, tag=args.tag,
+            image_size=None if plan is None or not plan.train_size else (plan.train_size, plan.train_size),
+        )  # fmt: skip
+        validate_volumes(volumes, settings, test_mask_type=args.mask_type if "mask_type" in given else None,
+                         test_acc_factor=args.acc_factor if "acc_factor" in given else None)  # fmt: skip
+    except ValueError as err:
+        return fail(str(err).splitlines()[0])
+
+    state = PartialState()
+    model_id = stats = None
+    if plan is not None:
+        from utils.diffusion_recon import model_identity
+
+        model_id = model_identity(plan)
+        stats = plan.metadata_stats if args.enable_condition_emb else None
+    fingerprint = run_fingerprint(settings.result_settings(), model=model_id, stats=stats,
+                                  data=raw_data_identity(volumes),
+                                  info={"raw_dir": str(Path(args.raw_dir).resolve()),
+                                        "metadata_csv": args.metadata_csv})  # fmt: skip
+    out = raw_out_dir(args.save_dir, settings, fingerprint)
+    refusal = None
+    if state.is_main_process:
+        try:
+            if prepare_out_dir(out, fingerprint, overwrite=args.overwrite, create=False) == "overwritten":
+                clear_raw_results(out)
+            prepare_out_dir(out, fingerprint, overwrite=args.overwrite)
+            from dataclasses import asdict
+
+            from utils.files import write_json
+
+            if not (out / "settings.json").is_file():
+                write_json(out / "settings.json", asdict(settings))
+        except RunMismatchError as err:
+            refusal = str(err)
+    state.wait_for_everyone()
+    if refusal is not None:
+        return fail(refusal)
+
+    diffusion = None
+    if plan is not None:
+        from utils.diffusion_recon import DiffusionReconstructor, load_reconstruction_model
+
+        try:
+            unet, conditioner, schedule = load_reconstruction_model(
+                plan.base, plan.model_type, plan.finetune_folder, args.enable_condition_emb, plan.metadata_stats,
+                device=state.device,
+            )
+        except ValueError as err:
+            return fail(str(err).splitlines()[0])
+        autocast = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+        diffusion = DiffusionReconstructor(
+            unet, conditioner, schedule, sampler=args.sampler, num_steps=args.num_steps, eta=args.eta,
+            gamma=args.gamma, cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale,
+            drop_metadata_keys=args.drop_metadata_keys, uncond_drop_keys=args.uncond_drop_keys,
+            autocast_dtype=autocast, clip_x0=args.clip_x0,
+        )
+    try:
+        run_raw_reconstruction(volumes, settings, out, diffusion=diffusion, device=state.device,
+                               process_index=state.process_index, num_processes=state.num_processes)  # fmt: skip
+    except ValueError as err:  # e.g. too few ACS lines for ESPIRiT in a file
+        return fail(str(err).splitlines()[0], code=1)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return 0
+    summary = summarize_raw(out, volumes)
+    print(f"{out.name}  raw  {settings.mask_type or 'file masks'}"
+          f"{'' if settings.acc_factor is None else f' x{settings.acc_factor:g}'}  "
+          f"({summary['num_volumes']} volumes, {summary['num_slices']} slices)")  # fmt: skip
+    for key in ("fastmri_psnr", "fastmri_ssim", "fastmri_nmse", "acceleration", "sigma", "time_s", "nfe"):
+        stat = summary.get(key)
+        text = "n/a (no target)" if stat is None else f"{stat['mean']:.4g} ± {stat['std']:.4g}"
+        print(f"  {key:16s} {text}")
+    print(f"reconstructions: {out / 'reconstructions'}")
+    return 1 if summary["failed_slices"] else 0
