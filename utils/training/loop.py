@@ -184,22 +184,22 @@ def _decide_on_main(accelerator: Accelerator, decide: Callable[[], object]) -> o
     Why: the output folder is inspected, cleared and its checkpoints hashed once; another process reading it at the
     same time could see a half-cleared folder and choose differently (then hang at the next collective).
     """
-    result, error, is_config = None, None, False
+    result, error, is_config, failure = None, None, False, None
     if accelerator.is_main_process:
         try:
             result = decide()
         except ConfigError as err:
             error, is_config = str(err), True
-        except Exception as err:
-            if accelerator.num_processes == 1:
-                raise
-            error = f"{type(err).__name__}: {err}"
+        except Exception as err:  # shared below, then re-raised as it is on the main process
+            error, failure = f"{type(err).__name__}: {err}", err
     if accelerator.num_processes > 1:
         box = [result, error, is_config]
         broadcast_object_list(box, from_process=0)
         result, error, is_config = box
+    if failure is not None:
+        raise failure
     if error is not None:
-        raise ConfigError(error) if is_config else RuntimeError(f"main process failed: {error}")
+        raise ConfigError(error) if is_config else RuntimeError(f"the main process failed: {error}")
     return result
 
 
