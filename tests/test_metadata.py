@@ -103,3 +103,35 @@ def test_stats_bounds_are_finite(tmp_path):
     (tmp_path / "inverted.json").write_text('{"TE": {"min": 10, "max": 1}}')
     with pytest.raises(ValueError, match="min > max"):
         load_metadata_stats(tmp_path / "inverted.json")
+
+
+def test_prompt_omits_dropped_fields_and_rebuilds_the_same_variant():
+    """A dropped attribute leaves the prompt (the released prompt without "TE: 33"); the no-sequence variant stays so."""
+    from utils.metadata import PROMPT_FIELDS, rebuild_prompt
+
+    rec = record_from_row({"anatomy": "knee", "filename": "f", "slice": "20", "contrast": "PDFS", "pathology": "",
+                           "sequence": "TurboSpinEcho", "TR": "3120", "TE": "33", "TI": "100", "flip_angle": "140"})
+    full = build_prompt(rec)
+    assert build_prompt(rec, omit=["TE"]) == full.replace(", TE: 33", "")
+    assert build_prompt(rec, omit=["slice"]) == full.replace(", Slice 20", "")  # "slice" = "slice_number"
+    assert build_prompt(rec, omit=["vendor"]) == full  # not a prompt field: nothing to remove
+    assert build_prompt(rec, omit=PROMPT_FIELDS) == ""
+    assert rebuild_prompt(full, rec, ["TE"]) == build_prompt(rec, omit=["TE"])
+    short = build_prompt(rec, include_sequence=False)
+    assert rebuild_prompt(short, rec, ["contrast", "TE"]) == "knee, Slice 20"
+    assert rebuild_prompt("", rec, ["TE"]) == ""
+    with pytest.raises(ValueError):
+        rebuild_prompt("knee, TE 33", rec, ["TE"])
+
+
+def test_pathology_unknown_vs_no_finding():
+    from utils.metadata import parse_pathology_cell
+
+    assert [parse_pathology_cell(c) for c in ("", "null", "n/a", None, float("nan"), ", ")] == [None] * 6
+    assert [parse_pathology_cell(c) for c in ("no finding", "None", "No pathology", [])] == [[]] * 4
+    assert parse_pathology_cell("Edema, no finding") == ["Edema"]
+    # label sets (vocabularies, validation) see neither as a label
+    assert parse_pathology("") == parse_pathology("no finding") == []
+    stats = compute_metadata_stats([{"pathology": ["no finding", "Edema"]}, {"pathology": None}],
+                                   categorical_keys=["pathology"], numerical_keys=[])
+    assert stats["pathology"] == ["Edema"]
