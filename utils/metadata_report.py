@@ -342,8 +342,11 @@ def paired_errors(
 
     per_unique = torch.empty(len(unique), n_t * n_j, dtype=torch.float64)
     work = [(u, k) for u in range(len(unique)) for k in range(n_t * n_j)]
-    for start in range(0, len(work), batch_size):
-        chunk = work[start:start + batch_size]
+    # Balanced chunks: no trailing batch of one image (a one-token, one-image batch trips the UNet's GroupNorm).
+    n_chunks = max(1, math.ceil(len(work) / batch_size))
+    bounds = np.linspace(0, len(work), n_chunks + 1).round().astype(int)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        chunk = work[start:stop]
         u_idx = torch.tensor([u for u, _ in chunk], device=device)
         k_idx = torch.tensor([k for _, k in chunk], device=device)
         cond = torch.cat([unique[u] for u, _ in chunk]).to(device)
