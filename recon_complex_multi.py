@@ -183,6 +183,29 @@ def _overrides(items: list[str]) -> dict:
     return typed
 
 
+def _check_embedder(plan, enable_condition_emb: bool) -> None:
+    """The metadata-embedder checks of the model loader, done before any folder is claimed (the embedder is small)."""
+    if plan.finetune_folder is None:
+        if enable_condition_emb:
+            raise ArgumentProblem("--enable_condition_emb needs --finetune_folder: the released model has no "
+                                  "metadata embedder")
+        return
+    folder = Path(plan.finetune_folder) / "condition_embedder"
+    if enable_condition_emb != folder.is_dir():
+        raise ArgumentProblem(
+            f"{plan.finetune_folder} was trained with metadata embeddings: pass --enable_condition_emb (and its "
+            "--metadata_stats)" if folder.is_dir() else
+            f"--enable_condition_emb given but {plan.finetune_folder} has no condition_embedder/")
+    if enable_condition_emb:
+        from models.condition_embedder import MetadataConditionEmbedder
+        from utils.diffusion_recon import check_embedder_matches_stats
+
+        try:
+            check_embedder_matches_stats(MetadataConditionEmbedder.from_pretrained(folder), plan.metadata_stats)
+        except (ValueError, OSError) as err:
+            raise ArgumentProblem(" ".join(str(err).split())) from None
+
+
 def _note(message: str) -> None:
     print(f"{PROG}: note: {message}", file=sys.stderr, flush=True)
 
@@ -219,6 +242,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
             _note(line)
         if args.enable_condition_emb and not plan.metadata_stats:
             raise ArgumentProblem("--enable_condition_emb needs --metadata_stats")
+        _check_embedder(plan, args.enable_condition_emb)
     crop = args.crop_size
     if crop is None:
         crop = plan.train_size if plan is not None and plan.finetune_folder and plan.train_size else 320

@@ -41,6 +41,11 @@ def _strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+def _errors(stderr: str) -> list[str]:
+    """The stderr lines other than the script's notes (what it resolved from the run's config)."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("recon_complex_multi.py: note:")]
+
+
 def _subprocess(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
@@ -70,14 +75,20 @@ def _make_model(folder: Path, **overrides) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Validation data (2 volumes x 3 slices, 32x32, 2 coils) and a tiny unconditional model."""
+    """Validation data (2 volumes x 3 slices, 32x32, 2 coils) and a tiny metadata-conditioned model (random
+    weights); its stats file is found through the run's run_config.json."""
+    from utils.preprocessing import write_stats_from_csvs
+
     root = tmp_path_factory.mktemp("faults_recon")
     torch.set_num_threads(1)
     csv = write_tiny_dataset(root / "data", "brain", split="val", num_files=2, slices_per_file=3, crop=CROP, coils=2,
                              seed=5)
-    model = _make_model(root / "model")
-    return SimpleNamespace(root=root, data=root / "data", csv=csv, model=model,
-                           base=["--data_root", root / "data", "--load_dir_meta_brain", csv, "--no_png"])
+    write_stats_from_csvs([csv], root / "stats.json")
+    model = _make_model(root / "model", unconditional=False, enable_condition_emb=True,
+                        metadata_stats=str(root / "stats.json"))
+    base = ["--data_root", root / "data", "--load_dir_meta_brain", csv, "--no_png"]
+    return SimpleNamespace(root=root, data=root / "data", csv=csv, model=model, base=base,
+                           diff=[*base, "--finetune_folder", model, "--enable_condition_emb"])
 
 
 def _dirs(save_dir: Path) -> list[Path]:
@@ -86,23 +97,24 @@ def _dirs(save_dir: Path) -> list[Path]:
 
 def test_other_settings_never_reuse_old_results(tiny, capsys):
     save = tiny.root / "identity"
-    diff = [*tiny.base, "--finetune_folder", tiny.model, "--num_steps", "2", "--save_dir", save]
+    diff = [*tiny.diff, "--num_steps", "2", "--end_idx", "2", "--save_dir", save]
     assert _main(diff + ["--seed", "0"]) == 0
     first = _dirs(save)
     assert len(first) == 1 and first[0].name.startswith("dds_steps2_w1_n1-")
+    assert _strict_json(first[0] / "run.json")["stats"]["name"] == "stats.json"  # the run's own stats file
     rows_before = {p: p.read_bytes() for p in (first[0] / "rows").rglob("*.json")}
     # each of these changes the result: each gets its own folder, nothing of the first run is reused or rewritten
-    for extra in (["--seed", "1"], ["--gamma", "9"], ["--mismatch_metadata"], ["--noise_sigma", "0.01"]):
+    for extra in (["--seed", "1"], ["--gamma", "9"], ["--mismatch_metadata"]):
         assert _main(diff + extra) == 0
     folders = _dirs(save)
-    assert len(folders) == 5 and len({p.name.split("-")[-1] for p in folders}) == 5
+    assert len(folders) == 4 and len({p.name.split("-")[-1] for p in folders}) == 4
     assert {p: p.read_bytes() for p in (first[0] / "rows").rglob("*.json")} == rows_before
     seeds = {_strict_json(p / "run.json")["settings"]["seed"] for p in folders}
     assert seeds == {0, 1}
     # a setting that cannot change the result (batch size) resumes the same folder: nothing is recomputed
     stamp = {p: p.stat().st_mtime_ns for p in (first[0] / "recon").rglob("*.npy")}
-    assert _main(diff + ["--seed", "0", "--batch_size", "3"]) == 0
-    assert len(_dirs(save)) == 5
+    assert _main(diff + ["--seed", "0", "--batch_size", "2"]) == 0
+    assert len(_dirs(save)) == 4
     assert {p: p.stat().st_mtime_ns for p in (first[0] / "recon").rglob("*.npy")} == stamp
 
     # explicit --tag: another fingerprint is refused, naming the differing settings; the folder is left as it was
@@ -111,7 +123,7 @@ def test_other_settings_never_reuse_old_results(tiny, capsys):
     run_json = (save / "uniform1d" / "acc_4" / "mine" / "run.json").read_bytes()
     capsys.readouterr()
     assert _main(tagged + ["--seed", "1", "--mismatch_metadata"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _errors(capsys.readouterr().err)
     assert len(err) == 1 and "seed: 0 -> 1" in err[0] and "mismatch_metadata: false -> true" in err[0]
     assert (save / "uniform1d" / "acc_4" / "mine" / "run.json").read_bytes() == run_json
     # --overwrite recomputes with the new settings: the same numbers as the default folder of those settings
@@ -125,11 +137,27 @@ def test_other_settings_never_reuse_old_results(tiny, capsys):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_every_result_setting_changes_the_fingerprint_and_no_other_does():
+    from utils.reconstruction import ReconSettings, run_fingerprint
+
+    base = ReconSettings(method="diffusion")
+    ref = run_fingerprint(base)["hash"]
+    changes = dict(seed=1, gamma=9.0, eta=0.5, cg_iter=3, num_steps=50, num_samples=2, guidance_scale=2.0,
+                   drop_metadata_keys=["TE"], metadata_override={"contrast": "T1"}, mismatch_metadata=True,
+                   noise_sigma=0.01, acc_factor=8.0, center_fraction=0.1, mask_type="gaussian1d", clip_x0=1.5,
+                   mixed_precision="bf16", sampler="dps")
+    hashes = {k: run_fingerprint(ReconSettings(**{**vars(base), k: v}))["hash"] for k, v in changes.items()}
+    assert ref not in hashes.values() and len(set(hashes.values())) == len(changes)
+    for k, v in dict(batch_size=4, save_png=False, tag="x", cs_lambda=0.1, dps_step=3.0,
+                     center_fraction=0.08).items():  # 0.08 is the default at 4x: the same masks
+        assert run_fingerprint(ReconSettings(**{**vars(base), k: v}))["hash"] == ref, k
+
+
 def test_a_changed_model_is_a_different_run(tiny, tmp_path):
     save = tmp_path / "res"
     other = _make_model(tmp_path / "other_model", seed=1)
     args = [*tiny.base, "--num_steps", "1", "--end_idx", "3", "--save_dir", save, "--tag", "t"]
-    assert _main(args + ["--finetune_folder", tiny.model]) == 0
+    assert _main(args + ["--finetune_folder", tiny.model, "--enable_condition_emb"]) == 0
     assert _main(args + ["--finetune_folder", other]) == 2  # same tag, other weights: refused
 
 
@@ -205,9 +233,9 @@ BAD_ARGS = [
 @pytest.mark.parametrize("extra, message", BAD_ARGS)
 def test_bad_arguments_one_line_exit_2_no_folder(tiny, tmp_path, capsys, extra, message):
     save = tmp_path / "res"
-    args = [*tiny.base, "--finetune_folder", tiny.model, "--save_dir", save, *extra]
+    args = [*tiny.diff, "--save_dir", save, *extra]
     assert _main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _errors(capsys.readouterr().err)
     assert len(err) == 1 and message in err[0], err
     assert not save.exists()
 
@@ -219,15 +247,17 @@ def test_missing_inputs_and_empty_data(tiny, tmp_path, capsys):
         (["--data_root", tmp_path / "nowhere", "--load_dir_meta_brain", tiny.csv, *zf], "is not a folder"),
         (["--data_root", tiny.data, "--load_dir_meta_brain", tmp_path / "missing.csv", *zf], "not found"),
         ([*tiny.base, "--finetune_folder", tmp_path / "no_model", "--save_dir", save], "is not a folder"),
+        ([*tiny.base, "--finetune_folder", tiny.model, "--save_dir", save], "pass --enable_condition_emb"),
+        ([*tiny.diff, "--metadata_stats", tmp_path / "nope.json", "--save_dir", save], "not found"),
     ]
     for args, message in cases:
         assert _main(args) == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        err = _errors(capsys.readouterr().err)
         assert len(err) == 1 and message in err[0], err
     empty = tmp_path / "empty.csv"
     empty.write_text(tiny.csv.read_text().splitlines()[0] + "\n")  # the header only
     assert _main(["--data_root", tiny.data, "--load_dir_meta_brain", empty, *zf]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _errors(capsys.readouterr().err)
     assert len(err) == 1 and ("no rows" in err[0] or "no slices" in err[0]), err
     assert not save.exists()
     # the real process: exit status 2, one line on stderr, no traceback
@@ -282,7 +312,7 @@ def test_lora_run_uses_its_own_base_model_type(tiny, tmp_path, capsys):
             "--save_dir", tmp_path / "res"]
     capsys.readouterr()
     assert _main(args + ["--pretrained_model_type", "fastmri"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _errors(capsys.readouterr().err)
     assert len(err) == 1 and "skm-tea" in err[0] and "LoRA" in err[0]
     assert _main(args) == 0
     run = _strict_json(_dirs(tmp_path / "res")[0] / "run.json")
