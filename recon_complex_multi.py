@@ -314,6 +314,14 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     state.wait_for_everyone()  # the folder is claimed (or refused) before any process writes into it
     if refusal is not None:
         raise ArgumentProblem(refusal)
+    if not state.is_main_process:  # every process must agree on the run: same settings, model, data
+        from utils.reconstruction import fingerprint_differences, read_fingerprint
+
+        claimed = read_fingerprint(out) or {}
+        if claimed.get("hash") != fingerprint["hash"]:
+            diffs = "; ".join(fingerprint_differences(claimed, fingerprint)[:5]) or "no run.json"
+            raise ArgumentProblem(f"process {state.process_index} computed another run identity than the main "
+                                  f"process ({diffs})")
 
     diffusion = None
     if plan is not None:
