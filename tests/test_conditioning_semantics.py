@@ -244,3 +244,20 @@ def test_previously_saved_embedder_still_loads_and_reads_no_finding(tmp_path, te
     recs = [{**RECORD, "pathology": "no finding"}, {**RECORD, "pathology": ""}]
     with torch.no_grad():
         torch.testing.assert_close(loaded(recs).tokens, emb(recs).tokens)
+
+
+def test_cfg_null_prob_reaches_the_training_builder(test_data_dir):
+    from utils.training.config import ConfigError, TrainConfig, check_config, parse_config
+    from utils.training.model import build_components
+
+    stats = str(test_data_dir / "metadata_stats_brain_knee.json")
+    argv = ["--unet_config", "configs/unet/tiny.json", "--text_encoder_type", "none", "--enable_condition_emb",
+            "--metadata_stats", stats, "--resolution", "32", "--cfg_strategy", "independent",
+            "--mri_metadata_dir_brain", str(test_data_dir / "metadata_val_brain_head.csv")]
+    assert parse_config(argv).cfg_null_prob == 0.1  # the default
+    config = parse_config(argv + ["--cfg_null_prob", "0.3"])
+    check_config(config)
+    builder = build_components(config).model.conditioner
+    assert builder.null_prob == 0.3 and builder.metadata.cfg_strategy == "independent"
+    with pytest.raises(ConfigError, match="cfg_null_prob"):
+        check_config(TrainConfig(**{**config.to_dict(), "cfg_null_prob": 1.5}))
