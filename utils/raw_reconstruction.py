@@ -159,7 +159,10 @@ def raw_data_identity(volumes: Sequence[RawVolume]) -> dict[str, Any]:
 def raw_out_dir(save_dir: str | Path, settings: RawReconSettings, fingerprint: dict[str, Any]) -> Path:
     """``{save_dir}/raw/{mask_type}/acc_{R}/{tag}`` (``file_mask`` for test files' own masks); without an explicit tag
     the readable tag plus the first 8 hex digits of the fingerprint hash."""
-    mask_part = Path("file_mask") if settings.mask_type is None else Path(settings.mask_type) / f"acc_{settings.acc_factor:g}"
+    if settings.mask_type is None or settings.acc_factor is None:
+        mask_part = Path("file_mask")
+    else:
+        mask_part = Path(settings.mask_type) / f"acc_{settings.acc_factor:g}"
     name = settings.tag or f"{settings.readable_tag}-{fingerprint['hash'][:8]}"
     return Path(save_dir) / "raw" / mask_part / name
 
