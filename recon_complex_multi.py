@@ -335,12 +335,15 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         except ValueError as err:
             raise ArgumentProblem(str(err).splitlines()[0]) from None
         autocast = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-        diffusion = DiffusionReconstructor(
-            unet, conditioner, schedule, sampler=args.sampler, num_steps=args.num_steps, eta=args.eta,
-            gamma=args.gamma, cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale,
-            drop_metadata_keys=args.drop_metadata_keys, uncond_drop_keys=args.uncond_drop_keys,
-            autocast_dtype=autocast, clip_x0=args.clip_x0,
-        )
+        try:  # a drop key the model cannot read (neither a metadata token nor a prompt field) is a bad argument
+            diffusion = DiffusionReconstructor(
+                unet, conditioner, schedule, sampler=args.sampler, num_steps=args.num_steps, eta=args.eta,
+                gamma=args.gamma, cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale,
+                drop_metadata_keys=args.drop_metadata_keys, uncond_drop_keys=args.uncond_drop_keys,
+                autocast_dtype=autocast, clip_x0=args.clip_x0,
+            )
+        except ValueError as err:
+            raise ArgumentProblem(str(err).splitlines()[0]) from None
 
     try:
         run_reconstruction(dataset, settings, args.save_dir, diffusion=diffusion, device=state.device,
