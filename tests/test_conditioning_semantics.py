@@ -261,3 +261,34 @@ def test_cfg_null_prob_reaches_the_training_builder(test_data_dir):
     assert builder.null_prob == 0.3 and builder.metadata.cfg_strategy == "independent"
     with pytest.raises(ConfigError, match="cfg_null_prob"):
         check_config(TrainConfig(**{**config.to_dict(), "cfg_null_prob": 1.5}))
+
+
+def test_recon_script_per_attribute_guidance_on_a_released_text_model(tmp_path, capsys):
+    """The real script on a tiny released-layout (CLIP-only) checkpoint: per-attribute guidance runs with 2 NFE per
+    step and gives another reconstruction than w = 1; a key the text model cannot read exits 2 with one line."""
+    import json
+
+    import numpy as np
+
+    import recon_complex_multi
+    from models.testing import make_fake_released_checkpoint
+    from tests.training_helpers import write_tiny_dataset
+
+    csv = write_tiny_dataset(tmp_path / "data", "brain", split="val", num_files=1, slices_per_file=1, crop=32,
+                             coils=2, seed=5)
+    ckpt = make_fake_released_checkpoint(tmp_path / "MRI_checkpoint")
+    base = ["--pretrained_model_name_or_path", str(ckpt), "--data_root", str(tmp_path / "data"),
+            "--load_dir_meta_brain", str(csv), "--no_png", "--num_steps", "2", "--crop_size", "32",
+            "--save_dir", str(tmp_path / "res")]
+    recons = {}
+    for tag, extra in (("w1", []), ("te", ["--guidance_scale", "2", "--uncond_drop_keys", "TE"])):
+        assert recon_complex_multi.main(base + ["--tag", tag] + extra) == 0
+        out = next((tmp_path / "res").rglob(f"{tag}*/rows"))
+        row = json.loads(next(out.rglob("*.json")).read_text())
+        assert row["nfe"] == (2 if tag == "w1" else 4)
+        recons[tag] = np.load(next(out.parent.joinpath("recon").rglob("*.npy")))
+    assert np.abs(recons["te"] - recons["w1"]).max() > 1e-4 * np.abs(recons["w1"]).max()
+    capsys.readouterr()
+    assert recon_complex_multi.main(base + ["--tag", "bad", "--drop_metadata_keys", "field_strength"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "field_strength" in err[0]
