@@ -187,3 +187,25 @@ def test_two_process_run_matches_one_process(processed):
     for key in ("fastmri_psnr", "fastmri_ssim", "contextmri_psnr", "acceleration"):
         assert two[key]["mean"] == pytest.approx(one[key]["mean"], rel=1e-6)
     assert two["num_slices"] == one["num_slices"] == 4 and two["complete"] and one["complete"]
+
+
+def test_a_tagged_folder_of_another_run_is_refused_then_overwritten_only_with_consent(tmp_path):
+    from utils.reconstruction import RunMismatchError, read_fingerprint
+
+    data = _dataset(1, 2)
+    first = ReconSettings(method="cs", cs_iter=5, save_png=False, tag="mine")
+    out = run_reconstruction(data, first, tmp_path, progress=False)
+    (out / "notes.txt").write_text("the user's own file")
+    second = ReconSettings(method="cs", cs_iter=6, save_png=False, tag="mine")
+    with pytest.raises(RunMismatchError, match=r"cs_iter: 5 -> 6"):
+        run_reconstruction(data, second, tmp_path, progress=False)
+    assert read_fingerprint(out)["settings"]["cs_iter"] == 5
+    assert json.loads((out / "settings.json").read_text())["cs_iter"] == 5  # never rewritten over its results
+    run_reconstruction(data, second, tmp_path, progress=False, overwrite=True)
+    assert read_fingerprint(out)["settings"]["cs_iter"] == 6
+    assert json.loads((out / "settings.json").read_text())["cs_iter"] == 6
+    assert (out / "notes.txt").read_text() == "the user's own file"  # only what a run writes is cleared
+    # results of an older version (no run.json) are of unknown settings: refused too
+    (out / "run.json").unlink()
+    with pytest.raises(RunMismatchError, match="without a run.json"):
+        run_reconstruction(data, second, tmp_path, progress=False)
