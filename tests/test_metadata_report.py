@@ -222,6 +222,28 @@ def test_script_refuses_bad_input_with_one_line(tmp_path, capsys):
     assert "num_slices" in capsys.readouterr().err
 
 
+def test_text_model_attributes_are_the_prompt_fields_and_dropping_one_changes_its_prompt(tmp_path, one_thread):
+    """The released-layout (ContextMRI, CLIP prompt) path of the script: attributes the records lack are skipped, a
+    dropped or mismatched field leaves or changes the prompt, so the (untrained) model's loss changes."""
+    import metadata_report
+    from models.testing import make_fake_released_checkpoint
+
+    ckpt = make_fake_released_checkpoint(tmp_path / "MRI_checkpoint")
+    csv_path = write_te_dataset(tmp_path, "val", 2, 2, seed=5)
+    out = tmp_path / "report"
+    assert metadata_report.main([
+        "--pretrained_model_name_or_path", str(ckpt), "--data_root", str(tmp_path), "--load_dir_meta_brain",
+        str(csv_path), "--crop_size", "16", "--num_slices", "4", "--num_noise", "1", "--timesteps", "50", "600",
+        "--output_dir", str(out), "--no_progress", "--counterfactual_values", "2", "--no_png"]) == 0
+    rep = _strict_json(out / "report.json")
+    assert rep["model_kind"] == "text"
+    assert {"TE", "flip_angle", "anatomy", "slice_number"} <= set(rep["attributes"])
+    assert rep["skipped"]["drop:TR"] == "all values missing" and rep["skipped"]["mismatch:anatomy"] == "all values equal"
+    for name in ("null", "drop:TE", "mismatch:TE", "drop:flip_angle"):
+        assert rep["conditions"][name]["bands"][-1]["diff"] != 0.0, name
+    assert rep["counterfactuals"]["TE"]["rel_change_min_to_max"] > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the known answer
 # ---------------------------------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def timestep_grid(alphas_cumprod: torch.Tensor, num: int) -> list[int]:
     """``num`` timesteps (ascending, unique) evenly spaced in log-SNR from ``t = 0`` to ``t = T − 1``.
 
     Even spacing in λ suits the information integral (its variable) and still puts points in every t band of the
-    linear schedule (T = 1000: about 7 points below t = 100 and 7 above t = 600 for ``num = 16``).
+    linear schedule (T = 1000, ``num = 16``: 6 points below t = 100, 2 in [100, 300), 2 in [300, 600), 6 above).
     """
     acp = alphas_cumprod.detach().to("cpu", torch.float64)
     lam_all = log_snr(acp, range(acp.shape[0]))  # decreasing in t
