@@ -540,7 +540,8 @@ def save_strip(path: Path, truth: torch.Tensor, own: torch.Tensor, sweep: torch.
     panels = [truth.abs(), own.abs()] + [s.abs() for s in sweep]
     own_txt = f"{float(own_value):g}" if _present(own_value) and not isinstance(own_value, (list, tuple)) else "—"
     titles = ["slice |x0|", f"x̂0, own {key}={own_txt}"] + [f"{key}={v:.4g}" for v in values]
-    vmax = float(truth.abs().max()) or 1.0
+    # One grey scale for every panel (so brightness compares across values), robust to a few outlier pixels.
+    vmax = float(torch.quantile(torch.stack(panels).flatten().float(), 0.995)) or 1.0
     fig, axes = plt.subplots(1, len(panels), figsize=(1.9 * len(panels), 2.3))
     for ax, img, title in zip(axes, panels, titles):
         ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=vmax)
