@@ -89,7 +89,8 @@ def test_derangement_changes_every_value_unless_one_value_is_a_majority():
     for i, j in enumerate(src):
         if values[i] is not None:
             assert j is not None and values[j] != values[i] and values[j] is not None
-    assert sorted(j for j in src if j is not None) == [i for i, v in enumerate(values) if v is not None]  # a permutation
+    # a permutation of the slices that have a value
+    assert sorted(j for j in src if j is not None) == [i for i, v in enumerate(values) if v is not None]
     src, _ = derangement([1.0, 1.0, 1.0, 2.0])  # 1.0 holds 3 of 4 slices: at most 2 slices can change
     assert sum(j is not None for j in src) == 2
     assert derangement([5.0, 5.0])[1] == "all values equal"
@@ -238,7 +239,8 @@ def test_text_model_attributes_are_the_prompt_fields_and_dropping_one_changes_it
     rep = _strict_json(out / "report.json")
     assert rep["model_kind"] == "text"
     assert {"TE", "flip_angle", "anatomy", "slice_number"} <= set(rep["attributes"])
-    assert rep["skipped"]["drop:TR"] == "all values missing" and rep["skipped"]["mismatch:anatomy"] == "all values equal"
+    assert rep["skipped"]["drop:TR"] == "all values missing"
+    assert rep["skipped"]["mismatch:anatomy"] == "all values equal"
     for name in ("null", "drop:TE", "mismatch:TE", "drop:flip_angle"):
         assert rep["conditions"][name]["bands"][-1]["diff"] != 0.0, name
     assert rep["counterfactuals"]["TE"]["rel_change_min_to_max"] > 0
