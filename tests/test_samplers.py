@@ -14,10 +14,14 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from utils.channels import channels_to_complex, complex_to_channels
 from utils.operators import SenseOperator
 from utils.samplers import (
+    DC_SAMPLERS,
+    PRESETS,
     DiffusionSchedule,
     SamplerStats,
     _randn_images,
+    dc_sample,
     dds_sample,
+    dpmpp2m_sample,
     dps_sample,
     ensemble_stats,
     make_cfg_eps_fn,
@@ -154,15 +158,23 @@ def test_dds_with_oracle_denoiser_returns_ground_truth(eta):
     assert [t for _, t in seen] == make_timesteps(1000, 20).tolist()
 
 
-def test_dds_without_data_consistency_is_diffusers_ddim():
-    """cg_iter=0 leaves plain DDIM: same trajectory as diffusers' DDIMScheduler fed the same noise."""
-    op, y, _ = _problem(b=2)
-    weight = torch.randn(2, 2, generator=torch.Generator().manual_seed(5)) * 0.3
+def _smooth_eps_fn(seed: int = 5):
+    """A smooth, t-dependent stand-in for a network (x̂₀ depends on x_t non-linearly)."""
+    weight = torch.randn(2, 2, generator=torch.Generator().manual_seed(seed)) * 0.3
 
-    def eps_fn(x_t, t):  # a smooth, t-dependent stand-in for a network
+    def eps_fn(x_t, t):
         return torch.tanh(torch.einsum("oc,bchw->bohw", weight, x_t)) * (1 + t.reshape(-1, 1, 1, 1) / 1000)
 
-    n, eta = 10, 0.8
+    return eps_fn
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.8])
+def test_dds_without_data_consistency_is_diffusers_ddim(eta):
+    """cg_iter=0 leaves plain DDIM: same trajectory as diffusers' DDIMScheduler fed the same noise (η = 0: the
+    deterministic DDIM alternative of the NFE benchmark)."""
+    op, y, _ = _problem(b=2)
+    eps_fn = _smooth_eps_fn()
+    n = 10
     x = dds_sample(eps_fn, op, y, ACP, num_steps=n, eta=eta, cg_iter=0, generators=make_generators([3, 4]))
 
     gens = make_generators([3, 4])
@@ -212,6 +224,90 @@ def test_dds_per_sample_generators_make_slices_independent_of_the_batch():
     assert not torch.allclose(mixed[2], batch[2], atol=1e-2)
     with pytest.raises(ValueError):
         dds_sample(eps_fn, op, y, ACP, num_steps=2, generators=make_generators([0]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DPM-Solver++(2M) with DDS data consistency
+
+
+@pytest.mark.parametrize("sampler", ["dds_eta0", "dpmpp2m"])
+def test_alternative_samplers_with_oracle_denoiser_return_ground_truth(sampler):
+    op, y, x0 = _problem()
+    stats = SamplerStats()
+    settings = dict(num_steps=10, generators=make_generators([0, 1]), stats=stats)
+    if sampler == "dds_eta0":
+        x = dds_sample(oracle_eps_fn(x0), op, y, ACP, eta=0.0, **settings)
+    else:
+        x = dpmpp2m_sample(oracle_eps_fn(x0), op, y, ACP, **settings)
+    assert x.dtype == torch.complex64 and x.shape == x0.shape
+    assert _rel(x, x0) < 1e-4
+    assert stats.num_steps == stats.nfe == 10
+
+
+def _diffusers_dpmpp2m(eps_fn, x_T: torch.Tensor, timesteps: list[int] | None, n: int) -> torch.Tensor:
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2)
+    if timesteps is None:
+        sched.set_timesteps(n)
+    else:
+        sched.set_timesteps(timesteps=timesteps)
+    sample = complex_to_channels(x_T)
+    for t in sched.timesteps:
+        sample = sched.step(eps_fn(sample, t.repeat(sample.shape[0])), t, sample).prev_sample
+    return channels_to_complex(sample)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "diffusers"])
+def test_dpmpp2m_without_data_consistency_is_diffusers_dpmsolver_multistep(spacing):
+    """cg_iter 0 (and γ 0 with CG on) leaves DPM-Solver++(2M): diffusers' scheduler on the same ε-model and noise."""
+    op, y, _ = _problem(b=2)
+    eps_fn = _smooth_eps_fn(7)
+    n = 8
+    x_T = _randn_images(make_generators([3, 4]), (16, 16), torch.complex64, torch.device("cpu"))
+    if spacing == "leading":
+        ts = make_timesteps(1000, n).tolist()
+    else:  # diffusers' own default ("linspace" over [0, 999], first point dropped)
+        from diffusers import DPMSolverMultistepScheduler
+
+        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000)
+        sched.set_timesteps(n)
+        ts = sched.timesteps.tolist()
+    expected = _diffusers_dpmpp2m(eps_fn, x_T, ts, n)
+    ours = dpmpp2m_sample(eps_fn, op, y, ACP, timesteps=ts, cg_iter=0, x_T=x_T)
+    assert _rel(ours, expected) < 1e-4
+    no_weight = dpmpp2m_sample(eps_fn, op, y, ACP, timesteps=ts, gamma=0.0, cg_iter=5, x_T=x_T)
+    assert _rel(no_weight, expected) < 1e-4
+    # The second-order correction matters: the first-order solver (= DDIM η 0 with ε re-derived) ends elsewhere.
+    ddim = dds_sample(eps_fn, op, y, ACP, timesteps=ts, eta=0.0, cg_iter=0, x_T=x_T)
+    assert _rel(ddim, expected) > 1e-3
+
+
+def test_dpmpp2m_batch_equals_one_slice_at_a_time_and_data_consistency_acts():
+    op, y, _ = _problem(b=3, seed=2)
+    eps_fn = gaussian_prior_eps_fn(std=0.7)
+    batch = dpmpp2m_sample(eps_fn, op, y, ACP, num_steps=8, gamma=5.0, generators=make_generators([10, 11, 12]))
+    for k in range(3):
+        alone = dpmpp2m_sample(eps_fn, SenseOperator(op.maps[k : k + 1], op.mask), y[k : k + 1], ACP, num_steps=8,
+                               gamma=5.0, generators=make_generators([10 + k]))
+        torch.testing.assert_close(alone[0], batch[k], rtol=0, atol=1e-6)
+    plain = dpmpp2m_sample(eps_fn, op, y, ACP, num_steps=8, cg_iter=0, generators=make_generators([10, 11, 12]))
+    assert _line_residual(op, batch, y) < 0.5 * _line_residual(op, plain, y)
+    with pytest.raises(ValueError, match="eta"):
+        dpmpp2m_sample(eps_fn, op, y, ACP, num_steps=2, eta=0.5, generators=make_generators([0, 1, 2]))
+
+
+def test_dc_sample_dispatches_by_name_and_presets_name_known_samplers():
+    op, y, _ = _problem(b=2, seed=4)
+    eps_fn = gaussian_prior_eps_fn()
+    for name, fn in DC_SAMPLERS.items():
+        a = dc_sample(name, eps_fn, op, y, ACP, num_steps=4, eta=0.0, generators=make_generators([1, 2]))
+        b = fn(eps_fn, op, y, ACP, num_steps=4, eta=0.0, generators=make_generators([1, 2]))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        dc_sample("euler", eps_fn, op, y, ACP, num_steps=2)
+    for preset in PRESETS.values():
+        assert preset["sampler"] in DC_SAMPLERS and preset["num_steps"] >= 1
 
 
 def test_generator_modes_and_explicit_timesteps():
