@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.data import MRISliceDataset
     from utils.diffusion_recon import load_reconstruction_model
     from utils.metadata import load_metadata_stats
-    from utils.metadata_report import ReportSettings, run_metadata_report
+    from utils.metadata_report import ReportError, ReportSettings, run_metadata_report
 
     settings = ReportSettings(
         num_slices=args.num_slices, num_noise=args.num_noise, timesteps=args.timesteps,
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                             stats=stats, device=device, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, KeyError) as err:
         return _fail(str(err).strip("'\""))
+    except ReportError as err:
+        return _fail(str(err), code=1)
     print(f"report: {Path(args.output_dir) / 'report.json'}")
     return 0
 

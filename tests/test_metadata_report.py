@@ -207,6 +207,25 @@ def test_gaps_are_exactly_zero_for_an_unconditional_model_and_a_token_blind_one(
     assert len(rows) == 1 + 5 * len(res["conditions"]["null"]["bands"])
 
 
+def test_a_non_finite_loss_stops_the_report_without_writing_one(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from models.conditioning import ConditionBuilder
+    from utils.metadata_report import ReportError
+    from utils.samplers import DiffusionSchedule
+
+    class NaNNet(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states):
+            return type("Out", (), {"sample": torch.full_like(x, float("nan"))})()
+
+    schedule = DiffusionSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000))
+    settings = ReportSettings(num_slices=2, num_noise=1, timesteps=[10], save_png=False, counterfactual_keys=[])
+    with pytest.raises(ReportError, match="non-finite"):
+        run_metadata_report(NaNNet(), ConditionBuilder(None, None, null_dim=4).eval(), schedule,
+                            _tiny_dataset(tmp_path, n_files=1), settings, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
 def test_script_refuses_bad_input_with_one_line(tmp_path, capsys):
     import metadata_report
 

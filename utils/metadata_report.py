@@ -61,6 +61,10 @@ _LOG_SWEEP_KEYS = {"TR", "TE", "TI"}
 DEFAULT_BANDS: tuple[int, ...] = (0, 100, 300, 600, 1000)
 
 
+class ReportError(RuntimeError):
+    """The measurement failed (e.g. a non-finite loss): no report is written."""
+
+
 @dataclass
 class ReportSettings:
     """What the report measures (every field is written to ``report.json``).
@@ -733,6 +737,11 @@ def run_metadata_report(
             toks.append(_tokens(conditioner, cond.kind, record, cond.key))
         noise = slice_noise(sample.filename, sample.slice_idx, settings.seed, n_j, tuple(x0.shape))
         err, n_fwd = paired_errors(unet, schedule, x0, toks, timesteps, noise, settings.batch_size)
+        evaluated = [c for c, tok in enumerate(toks) if tok is not None]
+        if not np.isfinite(err[evaluated]).all():
+            bad = [conditions[c].name for c in evaluated if not np.isfinite(err[c]).all()]
+            raise ReportError(f"non-finite denoising loss on {sample.filename} slice {sample.slice_idx} under "
+                              f"{bad}: the model (or the slice) is broken; no report written")
         forwards += n_fwd
         losses[:, i, :] = err.mean(axis=2)  # noise draws averaged within the slice: the slice is the unit
     bar.close()
