@@ -3,7 +3,9 @@
 Layout of ``{output_dir}`` after training (EMA weights when the run used EMA)::
 
     unet/                         full UNet, diffusers save_pretrained (config.json + safetensors)   -- or --
-    lora/pytorch_lora_weights.safetensors   LoRA adapter on the released UNet (--use_lora)
+    lora/                         LoRA adapter on the released UNet (--use_lora), in diffusers' and peft's formats:
+                                  pytorch_lora_weights.safetensors, adapter_config.json + adapter_model.safetensors
+                                  (models/lora.py lists the plain diffusers/peft calls that load it)
     condition_embedder/           MetadataConditionEmbedder save_pretrained (--enable_condition_emb)
     text_projection.safetensors   trainable text-width projection (only when the text width != the UNet's)
     text_encoder/, tokenizer/     the text encoder, only when it was trained (--train_text_encoder)
