@@ -10,7 +10,14 @@
 
 import sys
 
-from utils.training import TrainConfig, main
+from utils.training import TrainConfig
+from utils.training import main as train_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry (also the ``mri-train`` console command); returns the exit status."""
+    return train_main(TrainConfig, argv)
+
 
 if __name__ == "__main__":
-    sys.exit(main(TrainConfig))
+    sys.exit(main())

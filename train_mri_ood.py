@@ -11,7 +11,14 @@ Every flag of ``train_mri.py`` applies; see ``--help``.
 
 import sys
 
-from utils.training import OODTrainConfig, main
+from utils.training import OODTrainConfig
+from utils.training import main as train_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry (also the ``mri-train-ood`` console command); returns the exit status."""
+    return train_main(OODTrainConfig, argv)
+
 
 if __name__ == "__main__":
-    sys.exit(main(OODTrainConfig))
+    sys.exit(main())
