@@ -274,7 +274,11 @@ def test_oracle_prior_through_the_raw_path_recovers_the_rss_target(raw_dir, tmp_
         return dds_sample(eps_fn, op, y, acp, num_steps=10, eta=0.0, gamma=5.0, cg_iter=5, generators=gens), 10
 
     common = dict(mask_type="random", acc_factor=4, center_fraction=CF)
-    dds = _run([vol], RawReconSettings(method="diffusion", image_size=size, batch_size=2, **common), tmp_path / "dds",
-               diffusion=oracle)  # fmt: skip
+    dds = _run([vol], RawReconSettings(method="diffusion", image_size=size, batch_size=2, num_samples=2, **common),
+               tmp_path / "dds", diffusion=oracle)  # fmt: skip
     zf = _run([vol], RawReconSettings(method="zero_filled", **common), tmp_path / "zf")
     assert dds["fastmri_psnr"]["mean"] > zf["fastmri_psnr"]["mean"] + 10, (dds["fastmri_psnr"], zf["fastmri_psnr"])
+    with h5py.File(tmp_path / "dds" / "reconstructions" / vol.path.name, "r") as f:  # ensemble: the std map is saved
+        rec, std, cplx = f["reconstruction"][()], f["std"][()], f["reconstruction_complex"][()]
+    assert std.shape == rec.shape and std.max() < 1e-3 * rec.max()  # two samples of an oracle prior agree
+    np.testing.assert_allclose(np.abs(cplx), rec, rtol=1e-6)
