@@ -317,6 +317,43 @@ def test_unconditional_and_scratch_text_encoder_runs_export_and_reload(assets, t
         parse_config(["--unet_config", "tiny", "--mri_metadata_dir_brain", "x.csv", "--text_encoder_type", "none"])
 
 
+def test_text_encoder_lr_gives_the_encoder_its_own_rate(assets, tmp_path, one_thread):
+    """--text_encoder_lr: one AdamW step moves each weight by about its group's rate (Adam normalises the step), so
+    the encoder's weights move by ~1e-1 while the UNet's move by ~1e-4; without the flag both move by ~1e-4."""
+    from models.testing import tiny_clip_text_model, write_tiny_clip_tokenizer
+    from utils.training.export import load_trained_model
+
+    scratch = tmp_path / "scratch_text"
+    write_tiny_clip_tokenizer(scratch / "tokenizer")
+    tiny_clip_text_model(hidden_size=32).save_pretrained(scratch / "text_encoder")
+    before = load_file(str(next((scratch / "text_encoder").glob("*.safetensors"))))
+    base = ["--unet_config", str(REPO / "configs" / "unet" / "tiny.json"), "--data_root", str(assets["root"]),
+            "--mri_metadata_dir_brain", str(assets["csv"]["brain"]), "--resolution", "32", "--train_batch_size", "2",
+            "--dataloader_num_workers", "0", "--report_to", "none", "--max_train_steps", "1", "--learning_rate",
+            "1e-4", "--adam_weight_decay", "0", "--seed", "3", "--text_encoder_type", "clip", "--text_encoder_path",
+            str(scratch), "--train_text_encoder"]
+    moved = {}
+    unets = {}
+    for name, extra in (("own", ["--text_encoder_lr", "1e-1"]), ("shared", [])):
+        out = _train([*base, "--output_dir", str(tmp_path / name), *extra])
+        saved = load_file(str(next((out / "text_encoder").glob("*.safetensors"))))
+        moved[name] = max(float((saved[k] - before[k]).abs().max()) for k in before if k in saved)
+        unets[name] = load_trained_model(out).unet.state_dict()
+    assert 0.05 < moved["own"] <= 0.11, moved
+    assert moved["shared"] <= 2e-4, moved
+    # the UNet followed --learning_rate in both runs (same seed, same init): identical weights
+    assert all(torch.allclose(unets["own"][k], unets["shared"][k], atol=1e-6) for k in unets["own"])
+
+    for bad, why in ((["--text_encoder_lr", "0"], "must be > 0"),
+                     (["--text_encoder_lr", "1e-2", "--text_encoder_type", "none", "--unconditional"],
+                      "needs --train_text_encoder")):
+        argv = ["--unet_config", "tiny", "--mri_metadata_dir_brain", "x.csv", *bad]
+        if "none" not in bad:
+            argv += ["--text_encoder_path", str(scratch), "--train_text_encoder"]
+        with pytest.raises(ConfigError, match=why):
+            parse_config(argv)
+
+
 # ------------------------------------------------------------------------------------------------------- v-prediction
 def test_v_prediction_run_saves_its_type_and_the_sampler_reads_it(assets, tmp_path, one_thread):
     """--prediction_type v_prediction: the exported scheduler says so, the reconstruction loader's schedule carries it,

@@ -1,15 +1,21 @@
-"""The main job on the embedded default: simulate -> preprocess -> train three models -> reconstruct -> report.
+"""The main job on the embedded default: simulate -> preprocess -> train -> information report -> reconstruct -> report.
 
 Every stage runs the project's real command-line scripts as subprocesses (exactly what a user types), so the demo
-exercises the same code paths as real use. Stages whose outputs exist are skipped, so an interrupted demo resumes.
+exercises the same code paths as real use. Stages whose outputs exist are skipped, so an interrupted demo resumes
+(reconstructions resume only when their run fingerprint matches, see :func:`reconstruct`).
 
-The three models share the UNet (``configs/unet/compact.json``), the number of steps, the batch size, the learning rate,
-the seed and the classifier-free dropout rate (0.1); they differ only in what conditions them:
+The models share the UNet (``configs/unet/compact.json``), the number of steps, the batch size, the learning rate,
+the seed and the null-condition rate (10 %, see ``DemoConfig.cfg_null_prob``); they differ only in what conditions
+them:
 
 * ``unconditioned``: one constant token (no metadata);
-* ``text``: the ContextMRI prompt through a CLIP text transformer. No pretrained CLIP weights exist offline, so the
-  encoder is a small CLIP text model trained from scratch together with the UNet (said so in the table);
-* ``fine-grained``: typed metadata tokens (Metadata Matters), no text.
+* ``text``: the ContextMRI prompt through a CLIP text transformer. No pretrained CLIP weights exist offline; the
+  encoder is a small, randomly initialised CLIP text tower that stays *frozen*, and only its projection into the
+  UNet's token width is trained (``DemoConfig.text_encoder``; the README gives the measurement behind this choice:
+  an encoder trained from scratch with the UNet learnt to map every prompt to nearly the same tokens);
+* ``t5`` (study only): the same prompt through a tiny T5 encoder, frozen at random initialisation, projection trained;
+* ``fine-grained``: typed metadata tokens (Metadata Matters), no text;
+* ``fine-grained+ood`` (``--with_ood``, study): the same, trained with the cardiac set (``train_mri_ood.py``).
 """
 
 from __future__ import annotations
@@ -43,12 +49,34 @@ class DemoConfig:
     learning_rate: float = 1e-3
     lr_scheduler: str = "cosine"  # after 20 warm-up steps
     cfg_prob: float = 0.1
+    # Null-condition rate. Under --cfg_strategy joint a metadata drop (cfg_prob) and, for the text model, an emptied
+    # prompt (prompt_cfg_prob = cfg_prob) already *are* the sampler's null condition bit for bit
+    # (docs/conditioning.md), so every conditioned model sees the null input in 10 % of its samples, as ContextMRI
+    # and the earlier demo runs did. The training default --cfg_null_prob 0.1 would add a second draw on top (19 %).
+    cfg_null_prob: float = 0.0
+    # The text baseline: "frozen" = random CLIP tower frozen, projection trained (the demo's); "scratch" = encoder
+    # trained with the UNet at the UNet's learning rate (the demo before issue 13); "scratch_lr" = trained at
+    # text_encoder_lr.
+    text_encoder: str = "frozen"
+    text_encoder_lr: float = 1e-2
     recon_steps: int = 50
     gamma: float = 50.0  # DDS data-consistency weight; the data are noiseless (y = A x_true), so weigh them strongly
     clip_x0: float | None = 1.5  # |x0_hat| limit in DDS for every diffusion model (see utils/samplers.py)
     ensemble_size: int = 4
     accelerations: tuple[float, ...] = (4.0, 8.0)
     mask_type: str = "uniform1d"
+    center_fraction: float | None = None  # None: the script's default (0.08 at 4x, 0.04 at 8x)
+    # Noisy measurements (y = M(F S x + n), complex noise of std noise_sigma relative to the normalised image): extra
+    # rows at noise_accelerations, reconstructed with the weaker data weight noise_gamma (noisy data must not be
+    # trusted as strongly as exact ones). None: no noisy rows.
+    noise_sigma: float | None = 0.05
+    noise_gamma: float = 5.0
+    noise_accelerations: tuple[float, ...] = (8.0,)
+    # Information report (metadata_report.py) of each conditioned model: paired denoising-loss gaps on held-out slices.
+    report_slices: int = 20
+    report_noise: int = 4
+    report_timesteps: tuple[int, ...] = (50, 200, 500, 800)
+    report_keys: tuple[str, ...] | None = ("contrast", "TR", "TE")  # None: every attribute the model reads
     max_val_slices: int = 20
     seed: int = 0
     parallel: int = 3  # scripts side by side: small models scale poorly over threads; 3 x 1 thread beat 1 x 2
@@ -146,9 +174,33 @@ def make_text_encoder(cfg: DemoConfig) -> Path:
     return folder
 
 
+def make_t5_encoder(cfg: DemoConfig) -> Path:
+    """A tiny T5 encoder (random init, 2 layers, width 48) with an offline tokenizer, in one folder."""
+    folder = cfg.output_dir / "t5_scratch"
+    if not (folder / "config.json").is_file():
+        import torch
+
+        from models.testing import write_tiny_t5_folder
+
+        torch.manual_seed(cfg.seed)
+        write_tiny_t5_folder(folder, d_model=48)
+    return folder
+
+
+def text_args(cfg: DemoConfig) -> list:
+    """Training flags of the text baseline chosen by ``cfg.text_encoder``."""
+    if cfg.text_encoder == "frozen":
+        return []
+    if cfg.text_encoder == "scratch":
+        return ["--train_text_encoder"]
+    if cfg.text_encoder == "scratch_lr":
+        return ["--train_text_encoder", "--text_encoder_lr", cfg.text_encoder_lr]
+    raise ValueError(f"text_encoder must be frozen, scratch or scratch_lr, got {cfg.text_encoder!r}")
+
+
 def train(cfg: DemoConfig, method: str, text_folder: Path) -> Path:
     out = cfg.output_dir / "models" / method
-    if (out / "run_config.json").is_file():
+    if (out / "weights.sha256.json").is_file():  # the export's completion record, written last
         return out
     root = cfg.output_dir / "fastmri"
     unet_config = REPO / "configs" / "unet" / f"{cfg.unet_config}.json"
@@ -161,21 +213,76 @@ def train(cfg: DemoConfig, method: str, text_folder: Path) -> Path:
     if method == "unconditioned":
         extra = ["--text_encoder_type", "none", "--unconditional"]
     elif method == "text":
-        extra = ["--text_encoder_type", "clip", "--text_encoder_path", text_folder, "--train_text_encoder",
-                 "--prompt_cfg_prob", cfg.cfg_prob]
+        extra = ["--text_encoder_type", "clip", "--text_encoder_path", text_folder, *text_args(cfg),
+                 "--prompt_cfg_prob", cfg.cfg_prob, "--cfg_null_prob", cfg.cfg_null_prob]
+    elif method == "t5":
+        extra = ["--text_encoder_type", "t5", "--text_encoder_path", make_t5_encoder(cfg),
+                 "--prompt_cfg_prob", cfg.cfg_prob, "--cfg_null_prob", cfg.cfg_null_prob]
     elif method == "fine-grained":
         extra = ["--text_encoder_type", "none", "--enable_condition_emb", "--metadata_stats",
-                 cfg.output_dir / "metadata_stats.json", "--cfg_prob", cfg.cfg_prob, "--cfg_strategy", "joint"]
+                 cfg.output_dir / "metadata_stats.json", "--cfg_prob", cfg.cfg_prob, "--cfg_strategy", "joint",
+                 "--cfg_null_prob", cfg.cfg_null_prob]
     elif method == "fine-grained+ood":
         common[0] = "train_mri_ood.py"
         extra = ["--text_encoder_type", "none", "--enable_condition_emb", "--metadata_stats",
                  cfg.output_dir / "metadata_stats_ood.json", "--cfg_prob", cfg.cfg_prob, "--cfg_strategy", "joint",
-                 "--use_ood", "--cardio_data_root", root, "--mri_metadata_dir_cardio",
-                 root / "metadata_cardiology_train.csv"]
+                 "--cfg_null_prob", cfg.cfg_null_prob, "--use_ood", "--cardio_data_root", root,
+                 "--mri_metadata_dir_cardio", root / "metadata_cardiology_train.csv"]
     else:
         raise ValueError(method)
     _run(common + extra, cfg, f"train_{method}")
     return out
+
+
+def metadata_report(cfg: DemoConfig, method: str, model: Path, report_dir: Path) -> dict:
+    """Run ``metadata_report.py`` on a conditioned model's held-out slices; returns its ``report.json``.
+
+    A report is reused only when it was made from this very model export (its fingerprint) with these settings:
+    ``source.json`` beside it records both, so a retrained model or a changed setting reruns the report.
+    """
+    from utils.files import write_json
+    from utils.training.run_folder import export_fingerprint
+
+    root = cfg.output_dir / "fastmri"
+    args = ["metadata_report.py", "--finetune_folder", model, "--data_root", root, "--load_dir_meta_brain",
+            root / "metadata_brain_val.csv", "--crop_size", cfg.crop_size, "--num_slices", cfg.report_slices,
+            "--num_noise", cfg.report_noise, "--seed", cfg.seed, "--output_dir", report_dir, "--no_progress",
+            "--timesteps", *cfg.report_timesteps]
+    if cfg.report_keys:
+        args += ["--keys", *cfg.report_keys]
+    if method.startswith("fine-grained"):
+        stats = "metadata_stats_ood.json" if method.endswith("+ood") else "metadata_stats.json"
+        args += ["--enable_condition_emb", "--metadata_stats", cfg.output_dir / stats]
+    source = {"model": str(model), "model_fingerprint": export_fingerprint(model), "args": [str(a) for a in args]}
+    done = report_dir / "report.json"
+    if done.is_file() and (report_dir / "source.json").is_file() and \
+            json.loads((report_dir / "source.json").read_text()) == source:
+        return json.loads(done.read_text())
+    done.unlink(missing_ok=True)
+    _run(args, cfg, f"report_{method}")
+    write_json(report_dir / "source.json", source)
+    return json.loads(done.read_text())
+
+
+def information_line(method: str, report: dict) -> str:
+    """One line per model: the null-vs-correct loss gap per t band (z), the information estimate and the verdict."""
+    null = report["conditions"]["null"]
+    bands = [b for b in null["bands"] if b["band"] != "all"]
+
+    def cell(b: dict) -> str:
+        if b["z"] is None or b["rel_diff_pct"] is None:
+            return f"t {b['band']}: n/a"
+        return f"t {b['band']}: {b['rel_diff_pct']:+.2f} % (z {b['z']:.1f})"
+
+    info = null["information"]
+    nats = "n/a" if info["nats"] is None else f"{info['nats']:+.2f} ± {info['se'] or float('nan'):.2f} nats/image"
+    attrs = []
+    for key, v in report.get("attribute_verdicts", {}).items():
+        m = v.get("mismatch") or v.get("drop")
+        if m is not None and m["z"] is not None:
+            attrs.append(f"{key} {'mismatch' if v.get('mismatch') else 'drop'} z {m['z']:.1f}")
+    return (f"{method}: null − correct loss {'; '.join(cell(b) for b in bands)}; information {nats}; "
+            f"strongest per attribute: {', '.join(attrs) or 'n/a'} — {report['verdict']}")
 
 
 def reconstruct(cfg: DemoConfig, acc: float, tag: str, extra: list) -> Path:
@@ -191,8 +298,85 @@ def reconstruct(cfg: DemoConfig, acc: float, tag: str, extra: list) -> Path:
     _run(["recon_complex_multi.py", "--data_root", root, "--load_dir_meta_brain", root / "metadata_brain_val.csv",
           "--crop_size", cfg.crop_size, "--mask_type", cfg.mask_type, "--acc_factor", acc, "--save_dir", save,
           "--tag", tag, "--end_idx", cfg.max_val_slices, "--batch_size", cfg.max_val_slices, "--num_steps",
-          cfg.recon_steps, "--gamma", cfg.gamma, "--seed", cfg.seed, *extra], cfg, f"recon_{tag}_x{acc:g}")
+          cfg.recon_steps, "--gamma", cfg.gamma, "--seed", cfg.seed,
+          *(["--center_fraction", cfg.center_fraction] if cfg.center_fraction is not None else []),
+          *extra], cfg, f"recon_{tag}_x{acc:g}")
     return out
+
+
+LABELS = {"unconditioned": "unconditioned", "text": "text (ContextMRI-style, CLIP tower random + frozen)",
+          "t5": "text via T5 (tiny, random + frozen)", "fine-grained": "fine-grained metadata",
+          "fine-grained+ood": "fine-grained + cardiac OOD data (train_mri_ood.py)"}
+#: Short names (figures).
+SHORT = {"unconditioned": "unconditioned", "text": "text", "t5": "T5", "fine-grained": "fine-grained",
+         "fine-grained+ood": "fg + OOD"}
+#: Models whose metadata input can be swapped (a mismatched-metadata run each).
+MISMATCH = ("fine-grained", "text")
+
+
+def model_args(cfg: DemoConfig, models: dict[str, Path]) -> dict[str, list]:
+    """Reconstruction flags of each trained model."""
+    clip = ["--clip_x0", cfg.clip_x0] if cfg.clip_x0 is not None else []
+    out = {}
+    for method, folder in models.items():
+        out[method] = ["--finetune_folder", folder, *clip]
+        if method.startswith("fine-grained"):
+            stats = "metadata_stats_ood.json" if method.endswith("+ood") else "metadata_stats.json"
+            out[method] += ["--enable_condition_emb", "--metadata_stats", cfg.output_dir / stats]
+    return out
+
+
+def prepare_and_train(cfg: DemoConfig, timings: dict[str, float]) -> dict[str, Path]:
+    """Stages 1-3: simulate, preprocess, train every model of ``cfg.methods`` (skipped where done)."""
+    with Stage("1. simulate brain (fastMRI h5) and cardiac (CMRxRecon .mat) data", timings):
+        simulate(cfg)
+    with Stage("2. preprocess with pre_processing_final.py / pre_process_cmrx.py", timings):
+        preprocess(cfg)
+    text_folder = make_text_encoder(cfg)
+    with Stage(f"3. train {', '.join(cfg.methods)} ({cfg.train_steps} steps each, {cfg.parallel} at a time)", timings):
+        with ThreadPoolExecutor(cfg.parallel) as pool:
+            futures = {m: pool.submit(train, cfg, m, text_folder) for m in cfg.methods}
+            return {m: f.result() for m, f in futures.items()}
+
+
+def report_all(cfg: DemoConfig, models: dict[str, Path], timings: dict[str, float]) -> dict[str, dict]:
+    """Stage 4: the information report of every conditioned model (``reports/{method}/``)."""
+    conditioned = [m for m in models if m != "unconditioned"]
+    with Stage(f"4. information report of {', '.join(conditioned)} (metadata_report.py)", timings):
+        with ThreadPoolExecutor(cfg.parallel) as pool:
+            futures = {m: pool.submit(metadata_report, cfg, m, models[m], cfg.output_dir / "reports" / m)
+                       for m in conditioned}
+            return {m: f.result() for m, f in futures.items()}
+
+
+def reconstruct_all(cfg: DemoConfig, acc: float, models: dict[str, Path], noise_sigma: float | None = None,
+                    ensemble: bool = True) -> tuple[list[tuple[str, str]], dict[str, Path]]:
+    """Zero-filled, CS, every model, the fine-grained ensemble and the mismatched-metadata runs at one R.
+
+    With ``noise_sigma`` the measurements carry complex noise and the diffusion models use ``cfg.noise_gamma``; tags
+    get a ``_noisy`` suffix. Returns ``([(label, tag), ...] of the table rows, {tag: folder})``.
+    """
+    noise = [] if noise_sigma is None else ["--noise_sigma", noise_sigma]
+    gamma = [] if noise_sigma is None else ["--gamma", cfg.noise_gamma]
+    suffix = "" if noise_sigma is None else "_noisy"
+    note = "" if noise_sigma is None else f", noisy σ {noise_sigma:g}"
+    margs = model_args(cfg, models)
+    runs = [("zero-filled", "zero_filled", ["--method", "zero_filled"]), ("CS L1-wavelet", "cs", ["--method", "cs"])]
+    for method in models:
+        runs.append((LABELS[method], method, margs[method] + gamma))
+    if ensemble and "fine-grained" in models:
+        runs.append((f"fine-grained ensemble (N={cfg.ensemble_size})", "fine-grained_ens",
+                     margs["fine-grained"] + gamma + ["--num_samples", cfg.ensemble_size]))
+    for method in MISMATCH:
+        if method in models and (noise_sigma is None or method == "fine-grained"):  # noisy: the budget allows one
+            runs.append((f"{method}, mismatched metadata", f"{method}_mismatch",
+                         margs[method] + gamma + ["--mismatch_metadata"]))
+    with ThreadPoolExecutor(cfg.parallel) as pool:
+        futures = {tag + suffix: pool.submit(reconstruct, cfg, acc, tag + suffix, extra + noise)
+                   for _, tag, extra in runs}
+        dirs = {tag: fut.result() for tag, fut in futures.items()}
+    rows = [(label + note, tag + suffix) for label, tag, _ in runs if not tag.endswith("_mismatch")]
+    return rows, dirs
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -204,98 +388,94 @@ def run_demo(cfg: DemoConfig) -> Path:
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-    with Stage("1. simulate brain (fastMRI h5) and cardiac (CMRxRecon .mat) data", timings):
-        simulate(cfg)
-    with Stage("2. preprocess with pre_processing_final.py / pre_process_cmrx.py", timings):
-        preprocess(cfg)
-    text_folder = make_text_encoder(cfg)
-    with Stage(f"3. train {', '.join(cfg.methods)} ({cfg.train_steps} steps each, {cfg.parallel} at a time)", timings):
-        with ThreadPoolExecutor(cfg.parallel) as pool:
-            futures = {m: pool.submit(train, cfg, m, text_folder) for m in cfg.methods}
-            models = {m: f.result() for m, f in futures.items()}
+    models = prepare_and_train(cfg, timings)
+    reports = report_all(cfg, models, timings)
 
-    stats = cfg.output_dir / "metadata_stats.json"
     results, sensitivity, calibration, paired = [], {}, {}, {}
-    for acc in cfg.accelerations:
-        with Stage(f"4. reconstruct x{acc:g}", timings):
-            runs = [("zero-filled", "zero_filled", ["--method", "zero_filled"]),
-                    ("CS L1-wavelet", "cs", ["--method", "cs"])]
-            clip = ["--clip_x0", cfg.clip_x0] if cfg.clip_x0 is not None else []
-            model_args = {
-                "unconditioned": ["--finetune_folder", models.get("unconditioned"), *clip],
-                "text": ["--finetune_folder", models.get("text"), *clip],
-                "fine-grained": ["--finetune_folder", models.get("fine-grained"), "--enable_condition_emb",
-                                 "--metadata_stats", stats, *clip],
-                "fine-grained+ood": ["--finetune_folder", models.get("fine-grained+ood"), "--enable_condition_emb",
-                                     "--metadata_stats", cfg.output_dir / "metadata_stats_ood.json", *clip],
-            }
-            labels = {"unconditioned": "unconditioned", "text": "text (ContextMRI-style, encoder from scratch)",
-                      "fine-grained": "fine-grained metadata",
-                      "fine-grained+ood": "fine-grained + cardiac OOD data (train_mri_ood.py)"}
-            for method in cfg.methods:
-                runs.append((labels[method], method, model_args[method]))
-            if "fine-grained" in cfg.methods:
-                runs.append((f"fine-grained ensemble (N={cfg.ensemble_size})", "fine-grained_ens",
-                             model_args["fine-grained"] + ["--num_samples", cfg.ensemble_size]))
-                runs.append(("fine-grained, mismatched metadata", "fine-grained_mismatch",
-                             model_args["fine-grained"] + ["--mismatch_metadata"]))
-            if "text" in cfg.methods:
-                runs.append(("text, mismatched metadata", "text_mismatch", model_args["text"] + ["--mismatch_metadata"]))
-            dirs = {}
-            with ThreadPoolExecutor(cfg.parallel) as pool:
-                futures = {tag: pool.submit(reconstruct, cfg, acc, tag, extra) for _, tag, extra in runs}
-                for tag, fut in futures.items():
-                    dirs[tag] = fut.result()
-            for label, tag, extra in runs:
-                if not tag.endswith("_mismatch"):
-                    results.append(load_result(label, acc, dirs[tag]))
-            for model in ("fine-grained", "text"):
-                if model in dirs and f"{model}_mismatch" in dirs:
-                    good = load_result(model, acc, dirs[model]).summary["fastmri_psnr"]["mean"]
-                    bad = load_result(model, acc, dirs[f"{model}_mismatch"]).summary["fastmri_psnr"]["mean"]
-                    sensitivity[f"{model} x{acc:g}"] = {"correct_psnr": good, "mismatched_psnr": bad,
-                                                        "drop_db": good - bad}
-            if "fine-grained" in dirs:
-                for other, label in (("unconditioned", "unconditioned"), ("text", "text"), ("cs", "CS"),
-                                     ("fine-grained_mismatch", "itself with mismatched metadata")):
-                    if other in dirs:
-                        paired[f"x{acc:g} vs {label}"] = paired_comparison(dirs["fine-grained"], dirs[other])
-            val = MRISliceDataset(cfg.output_dir / "fastmri", [cfg.output_dir / "fastmri" / "metadata_brain_val.csv"],
-                                  split="val", crop_size=cfg.crop_size)
-            val_items = [val[i] for i in range(min(len(val), cfg.max_val_slices))]
-            if "fine-grained_ens" in dirs:
-                calibration[f"x{acc:g}"] = uncertainty_calibration(dirs["fine-grained_ens"], val_items)
-            shown = {labels[m].split(" (")[0]: dirs[m] for m in cfg.methods}
-            if "fine-grained_ens" in dirs:
-                shown["fg ensemble"] = dirs["fine-grained_ens"]
-            shown["CS"] = dirs["cs"]
-            item = val_items[len(val_items) // 2]
-            figure_grid(cfg.output_dir / f"figure_x{acc:g}.png", item, dirs["zero_filled"], shown,
-                        std_dir=dirs.get("fine-grained_ens"),
-                        title=f"{item.filename} slice {item.slice_idx} ({item.record.get('contrast')}), "
-                              f"{cfg.mask_type} x{acc:g}")
+    val = MRISliceDataset(cfg.output_dir / "fastmri", [cfg.output_dir / "fastmri" / "metadata_brain_val.csv"],
+                          split="val", crop_size=cfg.crop_size)
+    val_items = [val[i] for i in range(min(len(val), cfg.max_val_slices))]
+    stages = [(acc, None) for acc in cfg.accelerations]
+    if cfg.noise_sigma is not None:
+        stages += [(acc, cfg.noise_sigma) for acc in cfg.noise_accelerations]
+    for acc, sigma in stages:
+        noisy = sigma is not None
+        name = f"x{acc:g}" + (f" noisy σ {sigma:g}" if noisy else "")
+        with Stage(f"5. reconstruct {name}" + (f" (gamma {cfg.noise_gamma:g})" if noisy else ""), timings):
+            rows, dirs = reconstruct_all(cfg, acc, models, sigma, ensemble=not noisy)
+        sfx = "_noisy" if noisy else ""
+        for label, tag in rows:
+            results.append(load_result(label, acc, dirs[tag]))
+        for model in MISMATCH:
+            if model + sfx in dirs and f"{model}_mismatch{sfx}" in dirs:
+                good = load_result(model, acc, dirs[model + sfx]).summary["fastmri_psnr"]["mean"]
+                bad = load_result(model, acc, dirs[f"{model}_mismatch{sfx}"]).summary["fastmri_psnr"]["mean"]
+                sensitivity[f"{model} {name}"] = {"correct_psnr": good, "mismatched_psnr": bad,
+                                                  "drop_db": None if good is None or bad is None else good - bad}
+        if "fine-grained" + sfx in dirs:
+            for other, label in (("unconditioned", "unconditioned"), ("text", "text"), ("t5", "T5"), ("cs", "CS"),
+                                 ("fine-grained_mismatch", "itself with mismatched metadata")):
+                if other + sfx in dirs:
+                    paired[f"{name} vs {label}"] = paired_comparison(dirs["fine-grained" + sfx], dirs[other + sfx])
+        if "text" + sfx in dirs and "unconditioned" + sfx in dirs:
+            paired[f"{name}: text vs unconditioned"] = paired_comparison(dirs["text" + sfx],
+                                                                         dirs["unconditioned" + sfx])
+        if noisy:
+            continue
+        if "fine-grained_ens" in dirs:
+            calibration[f"x{acc:g}"] = uncertainty_calibration(dirs["fine-grained_ens"], val_items)
+        shown = {SHORT[m]: dirs[m] for m in models}
+        if "fine-grained_ens" in dirs:
+            shown["fg ensemble"] = dirs["fine-grained_ens"]
+        shown["CS"] = dirs["cs"]
+        item = val_items[len(val_items) // 2]
+        figure_grid(cfg.output_dir / f"figure_x{acc:g}.png", item, dirs["zero_filled"], shown,
+                    std_dir=dirs.get("fine-grained_ens"),
+                    title=f"{item.filename} slice {item.slice_idx} ({item.record.get('contrast')}), "
+                          f"{cfg.mask_type} x{acc:g}")
 
     table, rows = results_table(results)
+    info_lines = [information_line(m, r) for m, r in reports.items()]
     stage_times = ", ".join(f"{name.split(' (')[0]}: {secs:.0f} s" for name, secs in timings.items())
     total = time.perf_counter() - t_all
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}, torch CPU, fp32"
+    try:
+        load = ", load average at the end {:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min)".format(*os.getloadavg())
+    except OSError:
+        load = ""
+    text_how = {"frozen": "random CLIP text tower frozen, projection trained",
+                "scratch": "CLIP text tower trained from scratch with the UNet",
+                "scratch_lr": f"CLIP text tower trained from scratch at lr {cfg.text_encoder_lr:g}"}[cfg.text_encoder]
+    noise_text = ("" if cfg.noise_sigma is None else
+                  f" Noisy rows: complex k-space noise σ {cfg.noise_sigma:g} (relative to the normalised image), "
+                  f"DDS gamma {cfg.noise_gamma:g}, at x{', x'.join(f'{a:g}' for a in cfg.noise_accelerations)}.")
     lines = [
         f"Demo on simulated brain data ({len(cfg.contrasts)} contrasts x {cfg.volumes_per_contrast} subjects x "
         f"{cfg.num_slices} slices, one subject per contrast held out, {cfg.crop_size}x"
         f"{cfg.crop_size}, {cfg.max_val_slices} held-out slices), {cfg.mask_type} masks, DDS {cfg.recon_steps} steps "
         f"(eta 0.8, gamma {cfg.gamma:g}, 5 CG, |x0_hat| clipped at {cfg.clip_x0}), every model: "
         f"configs/unet/{cfg.unet_config}.json, {cfg.train_steps} steps x batch {cfg.batch_size}, "
-        f"lr {cfg.learning_rate:g} ({cfg.lr_scheduler}), seed {cfg.seed}.",
+        f"lr {cfg.learning_rate:g} ({cfg.lr_scheduler}), seed {cfg.seed}, null condition in {cfg.cfg_prob:g} of the "
+        f"samples (cfg_prob / prompt_cfg_prob {cfg.cfg_prob:g}, joint; cfg_null_prob {cfg.cfg_null_prob:g}); "
+        f"text model: {text_how}.{noise_text}",
         "Metrics: fastMRI protocol (magnitude, volume-wise, data_range = max of the volume), mean ± std over volumes.",
         "", table, "",
+        f"**Information report** (metadata_report.py on {cfg.report_slices} held-out slices x {cfg.report_noise} "
+        f"noise draws at t = {', '.join(str(t) for t in cfg.report_timesteps)}: paired denoising loss with the null "
+        f"condition minus with the correct metadata, % of the loss, z = gap / SE over slices; information = I-MMSE "
+        f"estimate over those t; per attribute ({', '.join(cfg.report_keys or ('all',))}) the largest z of "
+        "replacing it with another slice's value; the unconditioned model has no condition input):", "",
+        *[f"- {line}" for line in info_lines],
+        "",
         "**Metadata sensitivity** (PSNR with correct vs. mismatched contrast/sequence/TR/TE/TI/flip angle):", "",
         "| model | correct [dB] | mismatched [dB] | drop [dB] |", "|---|---|---|---|",
-        *[f"| {k} | {v['correct_psnr']:.2f} | {v['mismatched_psnr']:.2f} | {v['drop_db']:+.2f} |"
+        *[f"| {k} | {_f(v['correct_psnr'])} | {_f(v['mismatched_psnr'])} | {_f(v['drop_db'], '+.2f')} |"
           for k, v in sensitivity.items()],
         "",
-        "**Paired per-slice comparison** (fine-grained minus the other method, PSNR under the ContextMRI per-slice "
-        "protocol on the same slices and masks; mean ± standard error, and the slices where fine-grained is higher):",
-        "", "| comparison | mean difference [dB] | fine-grained higher |", "|---|---|---|",
+        "**Paired per-slice comparison** (fine-grained minus the other method unless named, PSNR under the ContextMRI "
+        "per-slice protocol on the same slices and masks; mean ± standard error, and the slices where the first is "
+        "higher):",
+        "", "| comparison | mean difference [dB] | first higher |", "|---|---|---|",
         *[f"| {k} | {v['mean_diff']:+.2f} ± {v['se']:.2f} | {v['wins']}/{v['num_slices']} |"
           for k, v in paired.items()],
         "",
@@ -303,19 +483,28 @@ def run_demo(cfg: DemoConfig) -> Path:
         "absolute error, inside the object, mean ± std over slices):", "",
         *[f"- {k}: {v['spearman_mean']:.3f} ± {v['spearman_std']:.3f} ({v['num_slices']} slices)"
           for k, v in calibration.items()],
-        "", f"Machine: {machine}. Total wall time {total / 60:.1f} min ({stage_times}); scripts ran {cfg.parallel} at "
-            f"a time with {cfg.threads} thread(s) each, so the s / slice column includes that sharing.",
+        "", f"Machine: {machine}{load}. Total wall time {total / 60:.1f} min ({stage_times}); scripts ran "
+            f"{cfg.parallel} at a time with {cfg.threads} thread(s) each, so the s / slice column includes that "
+            "sharing.",
     ]
     report = "\n".join(lines)
-    (cfg.output_dir / "results.md").write_text(report + "\n")
+    from utils.files import atomic_write_text, write_json
+
+    atomic_write_text(cfg.output_dir / "results.md", report + "\n")
     import pandas as pd
 
-    pd.DataFrame(rows).to_csv(cfg.output_dir / "results.csv", index=False)
-    (cfg.output_dir / "results.json").write_text(json.dumps(
-        {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "rows": rows,
-         "sensitivity": sensitivity, "paired": paired, "calibration": calibration, "timings_s": timings,
-         "machine": machine},
-        indent=2, default=str))
+    atomic_write_text(cfg.output_dir / "results.csv", pd.DataFrame(rows).to_csv(index=False))
+    write_json(cfg.output_dir / "results.json",
+               {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "rows": rows,
+                "information": {m: {"line": information_line(m, r), "verdict": r["verdict"],
+                                    "reads_metadata": r["reads_metadata"], "null": r["conditions"]["null"]}
+                                for m, r in reports.items()},
+                "sensitivity": sensitivity, "paired": paired, "calibration": calibration, "timings_s": timings,
+                "machine": machine})
     print("\n" + report)
-    print(f"\nresults: {cfg.output_dir / 'results.md'} (+ results.csv, results.json, figure_x*.png)")
+    print(f"\nresults: {cfg.output_dir / 'results.md'} (+ results.csv, results.json, figure_x*.png, reports/)")
     return cfg.output_dir
+
+
+def _f(value: float | None, fmt: str = ".2f") -> str:
+    return "n/a" if value is None else f"{value:{fmt}}"

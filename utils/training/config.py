@@ -81,6 +81,10 @@ class TrainConfig:
 
     # --- optimisation --------------------------------------------------------------------------------------------
     learning_rate: float = _opt(1e-4, "AdamW learning rate (the reference fine-tunes at 5e-5).", group="optim")
+    text_encoder_lr: float | None = _opt(
+        None, "Learning rate of the text encoder's own weights under --train_text_encoder (default: --learning_rate). "
+        "A from-scratch encoder can need a higher one than the UNet to learn to tell prompts apart; the text "
+        "projection keeps --learning_rate.", group="optim")
     lr_scheduler: str = _opt("constant", "Learning-rate schedule.", LR_SCHEDULERS, group="optim")
     lr_warmup_steps: int = _opt(0, "Linear warm-up steps of the schedule.", group="optim")
     adam_beta1: float = _opt(0.9, "AdamW beta1.", group="optim")
@@ -340,6 +344,11 @@ def check_config(config: TrainConfig) -> None:
         problems.append(f"--ema_decay must lie in (0, 1), got {config.ema_decay}")
     if config.learning_rate <= 0:
         problems.append(f"--learning_rate must be > 0, got {config.learning_rate}")
+    te_lr = config.text_encoder_lr
+    if te_lr is not None and not (te_lr > 0 and math.isfinite(te_lr)):
+        problems.append(f"--text_encoder_lr must be > 0, got {config.text_encoder_lr}")
+    if config.text_encoder_lr is not None and not config.train_text_encoder:
+        problems.append("--text_encoder_lr needs --train_text_encoder (a frozen encoder has no weights to train)")
     if config.dataloader_num_workers < 0 or config.validation_steps < 0 or config.lr_warmup_steps < 0:
         problems.append("--dataloader_num_workers, --validation_steps and --lr_warmup_steps must be >= 0")
     if config.resume_from_checkpoint not in (None, "latest") and not Path(config.resume_from_checkpoint).is_dir():

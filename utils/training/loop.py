@@ -334,7 +334,17 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
     params = [p for _, p in named]
     if not params:
         raise ConfigError("nothing to train")
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+    # --text_encoder_lr: the text encoder's own weights (not its projection) in a second group with their own rate.
+    text_prefix = "conditioner.text.encoder."
+    if config.text_encoder_lr is not None:
+        groups = [{"params": [p for n, p in named if not n.startswith(text_prefix)]},
+                  {"params": [p for n, p in named if n.startswith(text_prefix)], "lr": config.text_encoder_lr}]
+        if not groups[1]["params"]:
+            raise ConfigError("--text_encoder_lr: the model has no trainable text-encoder weights")
+        optim_params: list = [g for g in groups if g["params"]]
+    else:
+        optim_params = params
+    optimizer = torch.optim.AdamW(optim_params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     dataloader = make_dataloader(data, config)
 
