@@ -206,6 +206,21 @@ def _check_embedder(plan, enable_condition_emb: bool) -> None:
             raise ArgumentProblem(" ".join(str(err).split())) from None
 
 
+def _multi_process_cpu() -> bool:
+    """True for a multi-process launch that can only run on CPUs (gloo).
+
+    ``accelerate launch --multi_gpu`` on a machine without CUDA sets ``WORLD_SIZE`` but ``PartialState()`` then falls
+    back to a single process, so every process would reconstruct every slice; asking for CPU processes makes it shard.
+    """
+    import os
+
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def _note(message: str) -> None:
     print(f"{PROG}: note: {message}", file=sys.stderr, flush=True)
 
@@ -281,7 +296,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         run_reconstruction, summarize, summary_lines,
     )
 
-    state = PartialState()
+    state = PartialState(cpu=_multi_process_cpu())
     settings = ReconSettings(
         method=args.method, sampler=args.sampler, mask_type=args.mask_type, acc_factor=args.acc_factor,
         center_fraction=args.center_fraction, noise_sigma=args.noise_sigma, num_steps=args.num_steps, eta=args.eta,
@@ -320,8 +335,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         claimed = read_fingerprint(out) or {}
         if claimed.get("hash") != fingerprint["hash"]:
             diffs = "; ".join(fingerprint_differences(claimed, fingerprint)[:5]) or "no run.json"
-            raise ArgumentProblem(f"process {state.process_index} computed another run identity than the main "
-                                  f"process ({diffs})")
+            raise ArgumentProblem(f"process {state.process_index}: {out}/run.json does not hold this run ({diffs}); "
+                                  "see the main process's message")
 
     diffusion = None
     if plan is not None:

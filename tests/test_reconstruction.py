@@ -187,6 +187,8 @@ def test_two_process_run_matches_one_process(processed):
     for key in ("fastmri_psnr", "fastmri_ssim", "contextmri_psnr", "acceleration"):
         assert two[key]["mean"] == pytest.approx(one[key]["mean"], rel=1e-6)
     assert two["num_slices"] == one["num_slices"] == 4 and two["complete"] and one["complete"]
+    # really sharded: the main process saw 2 processes (each reconstructed half of the slices)
+    assert json.loads((two_dir / "command.json").read_text())[-1]["num_processes"] == 2
 
 
 def test_a_tagged_folder_of_another_run_is_refused_then_overwritten_only_with_consent(tmp_path):
