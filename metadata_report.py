@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model (as recon_complex_multi.py)")
     g.add_argument("--pretrained_model_name_or_path", default=None, help="released MRI_checkpoint folder (local)")
-    g.add_argument("--pretrained_model_type", default="fastmri", choices=["fastmri", "skm-tea"])
+    g.add_argument("--pretrained_model_type", default=None, choices=["fastmri", "skm-tea"],
+                   help="released UNet (default: the run's own for --finetune_folder, else fastmri)")
     g.add_argument("--finetune_folder", default=None, help="output folder of train_mri.py / train_mri_ood.py")
     g.add_argument("--enable_condition_emb", action="store_true", help="the model uses fine-grained metadata tokens")
     g.add_argument("--metadata_stats", default=None, help="metadata_stats.json the model was trained with")
