@@ -1,4 +1,4 @@
-"""The real-grid operator ``A = M F S P``: shared adjoint test, ``normal == adjoint ∘ forward``, the sampler contract."""
+"""The real-grid operator ``A = M F S P``: shared adjoint test, ``normal == adjoint ∘ forward``, sampler contract."""
 
 from __future__ import annotations
 
@@ -76,6 +76,19 @@ def test_dds_accepts_the_operator() -> None:
                    generators=[torch.Generator().manual_seed(i) for i in range(B)])
     assert x.shape == (B, h, w)
     assert float((op.forward(x) - y).norm() / y.norm()) < 1e-3
+
+
+def test_dps_accepts_the_operator() -> None:
+    """DPS uses ``op.mask * y`` and differentiates through ``op.forward``: both work in the packed layout."""
+    from utils.samplers import dps_sample
+
+    hh, ww, h, w = 12, 10, 6, 6
+    op = RawGridOperator(_maps(hh, ww, 12).to(torch.complex64), _line_mask(ww, 13).float(), (h, w))
+    y = op.forward(torch.randn(B, h, w, dtype=torch.complex64, generator=torch.Generator().manual_seed(14)))
+    acp = torch.linspace(0.999, 0.01, 1000).cumprod(0).clamp_min(1e-4)
+    x = dps_sample(lambda xt, t: 0.0 * xt, op, y, acp, num_steps=3,
+                   generators=[torch.Generator().manual_seed(i) for i in range(B)])  # fmt: skip
+    assert x.shape == (B, h, w) and bool(torch.isfinite(x).all())
 
 
 def test_outside_estimate_recovers_signal_outside_the_crop() -> None:

@@ -117,7 +117,9 @@ class RawVolume:
             return np.asarray(f["reconstruction_rss"][()], dtype=np.float32)
 
 
-def open_raw_volume(path: str | Path, overrides: Mapping[tuple[str, int], Mapping[str, Any]] | None = None) -> RawVolume:
+def open_raw_volume(
+    path: str | Path, overrides: Mapping[tuple[str, int], Mapping[str, Any]] | None = None
+) -> RawVolume:
     """Read a fastMRI multi-coil file's layout, mask (test files), target size and per-slice metadata.
 
     Args:
@@ -198,7 +200,8 @@ def load_metadata_overrides(csv_path: str | Path) -> dict[tuple[str, int], dict[
     df = load_metadata_csv(csv_path)
     out: dict[tuple[str, int], dict[str, Any]] = {}
     for row in df.to_dict(orient="records"):
-        raw = {k: v for k, v in row.items() if k not in ("filename", "slice") and (k == "pathology" or not is_missing(v))}
+        raw = {k: v for k, v in row.items()
+               if k not in ("filename", "slice") and (k == "pathology" or not is_missing(v))}  # fmt: skip
         typed = record_from_row(raw)
         if "pathology" not in raw:
             typed.pop("pathology", None)
@@ -301,7 +304,8 @@ def check_test_flags(vol: RawVolume, mask_type: str | None, acc_factor: float | 
     if vol.kind != "test":
         return
     if acc_factor is not None and vol.file_acceleration is not None and abs(acc_factor - vol.file_acceleration) > 1e-6:
-        raise ValueError(f"{vol.path.name} is a test file undersampled at {vol.file_acceleration:g}x with its own mask; "
+        raise ValueError(f"{vol.path.name} is a test file undersampled at {vol.file_acceleration:g}x with its own "
+                         "mask; "
                          f"--acc_factor {acc_factor:g} contradicts it (drop the flag)")  # fmt: skip
     if mask_type is None:
         return
@@ -404,8 +408,8 @@ def coil_maps_from_acs(
     readout rows (taller than wide: a 4x/8x scan has 15-30 ACS lines but every readout sample). Only that block of
     ``y`` is read, so the maps cannot depend on any other sample. The maps are the exact top eigenvectors of ESPIRiT's
     per-pixel matrix, as :func:`utils.coils.espirit_maps_fast` computes them (phase relative to coil 0, zero where the
-    eigenvalue is ``<= crop``); the kernel shrinks to fit a narrow ACS (``min(kernel_width, max(3, width // 2))``: at least as many kernel
-    positions as taps along the phase encode).
+    eigenvalue is ``<= crop``); the kernel shrinks to fit a narrow
+    ACS (``min(kernel_width, max(3, width // 2))``: at least as many kernel positions as taps along the phase encode).
 
     Args:
         y: measured k-space ``[C, H, W]``.

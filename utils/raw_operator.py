@@ -49,7 +49,7 @@ def _axis_window(n_prior: int, n_grid: int) -> tuple[slice, slice]:
 
 
 def place(x: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor:
-    """``P x``: put ``[..., h, w]`` at the centre of a zero ``[..., H, W]`` grid (cropping where ``h > H``/``w > W``)."""
+    """``P x``: put ``[..., h, w]`` at the centre of a zero ``[..., H, W]`` grid (cropped where ``h > H``/``w > W``)."""
     (py, gy), (px, gx) = _axis_window(x.shape[-2], grid_shape[0]), _axis_window(x.shape[-1], grid_shape[1])
     out = x.new_zeros(*x.shape[:-2], *grid_shape)
     out[..., gy, gx] = x[..., py, px]
@@ -57,7 +57,7 @@ def place(x: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor:
 
 
 def crop_to(u: torch.Tensor, prior_shape: tuple[int, int]) -> torch.Tensor:
-    """``Pᴴ u``: the centred ``[..., h, w]`` window of ``[..., H, W]`` (zero where the prior is larger than the grid)."""
+    """``Pᴴ u``: the centred ``[..., h, w]`` window of ``[..., H, W]`` (zero where the prior exceeds the grid)."""
     (py, gy), (px, gx) = _axis_window(prior_shape[0], u.shape[-2]), _axis_window(prior_shape[1], u.shape[-1])
     out = u.new_zeros(*u.shape[:-2], *prior_shape)
     out[..., py, px] = u[..., gy, gx]
@@ -146,7 +146,7 @@ def outside_estimate(
     lam: float = 0.05,
     max_iter: int = 30,
 ) -> torch.Tensor:
-    """The image outside the prior's crop window, estimated from the data by Tikhonov-regularised SENSE on the full grid.
+    """The image outside the prior's crop window, from the data, by Tikhonov-regularised SENSE on the full grid.
 
     Solves ``(AᴴA + λ I) u = Aᴴ y`` over the whole field of view (``A = M F S`` on the grid) with CG — written as
     ``(I + γ AᴴA) u = γ Aᴴ y`` with ``γ = 1/λ`` for :func:`utils.cg.conjugate_gradient` — and returns ``u`` with the

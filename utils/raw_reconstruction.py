@@ -331,7 +331,8 @@ def _reconstruct_slices(vol: RawVolume, idxs: list[int], s: RawReconSettings, ou
                 e["gamma"] = g
         for b, (full, sc) in enumerate(zip(fulls, scales)):
             cplx = center_crop(full, vol.recon_shape).astype(np.complex64)
-            res = {"magnitude": np.abs(cplx).astype(np.float32), "complex": cplx, "image_full": full.astype(np.complex64)}
+            res = {"magnitude": np.abs(cplx).astype(np.float32), "complex": cplx,
+                   "image_full": full.astype(np.complex64)}  # fmt: skip
             if stds[b] is not None:
                 res["std"] = center_crop(stds[b], vol.recon_shape).astype(np.float32)
             results.append(res)
@@ -433,7 +434,8 @@ def summarize_raw(out: str | Path, volumes: Sequence[RawVolume]) -> dict[str, An
     from utils.metrics import evaluate_volume
 
     out = Path(out)
-    missing = [f"{v.stem}/{i:03d}" for v in volumes for i in range(v.num_slices) if not _row_path(out, v.stem, i).is_file()]
+    missing = [f"{v.stem}/{i:03d}" for v in volumes for i in range(v.num_slices)
+               if not _row_path(out, v.stem, i).is_file()]  # fmt: skip
     if missing:
         raise RuntimeError(f"{len(missing)} slice(s) not reconstructed yet (e.g. {missing[:3]}); run again to finish")
     volume_rows, slice_rows = [], []
