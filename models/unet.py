@@ -91,7 +91,7 @@ def load_released_checkpoint(
     torch_dtype: torch.dtype | None = None,
     load_text_encoder: bool = True,
 ) -> ReleasedCheckpoint:
-    """Load the released ContextMRI checkpoint layout as is (REFERENCE.md §1), from local files only.
+    """Load the released ContextMRI checkpoint layout as is (docs/formats.md), from local files only.
 
     Layout: ``{path}/{fastmri|skm-tea}/`` (UNet, diffusers ``save_pretrained``), ``{path}/scheduler/``,
     ``{path}/text_encoder/`` (CLIPTextModel), ``{path}/tokenizer/`` (CLIPTokenizer).
