@@ -5,7 +5,7 @@
   words the ContextMRI prompt uses.
 * :func:`tiny_t5_tokenizer` builds a ``T5Tokenizer`` over a small Unigram vocabulary (transformers 5.x tokenizers are
   backed by the ``tokenizers`` library and accept ``vocab=[(piece, score), ...]``; no SentencePiece model needed).
-* :func:`make_fake_released_checkpoint` writes a tiny ``MRI_checkpoint/`` with the released layout (REFERENCE.md §1):
+* :func:`make_fake_released_checkpoint` writes a tiny ``MRI_checkpoint/`` with the released layout (docs/formats.md):
   ``fastmri/`` + ``skm-tea/`` (tiny UNet), ``scheduler/``, ``text_encoder/`` (tiny CLIPTextModel), ``tokenizer/``.
 """
 
