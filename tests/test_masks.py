@@ -8,7 +8,7 @@ import torch
 
 from utils.masks import FASTMRI_TYPES, MASK_TYPES, ONE_D_TYPES, TWO_D_TYPES, get_mask, seed_from_name
 
-W_FASTMRI = 368  # knee phase-encode width, the one REFERENCE.md's measured rates use
+W_FASTMRI = 368  # knee phase-encode width, the one docs/formats.md's measured rates use
 SHAPE_1D = (64, W_FASTMRI)
 SHAPE_2D = (64, 64)
 
@@ -35,7 +35,7 @@ def test_contextmri_families_hit_nominal_rate(kind: str, acc: int) -> None:
     assert res.nominal_acceleration == acc and res.mask_type == kind
 
 
-# fastMRI's measured achieved rates at W = 368 (REFERENCE.md §2) and how closely the mean over 200 seeds must match.
+# fastMRI's measured achieved rates at W = 368 (docs/formats.md) and how closely the mean over 200 seeds must match.
 # equispaced/magic undershoot nominal by design (the centre block overlaps the equispaced lines).
 FASTMRI_RATES = {
     ("equispaced", 4): (3.23, 0.02),
@@ -64,7 +64,7 @@ def test_fastmri_families_reproduce_measured_rates(kind: str, acc: int) -> None:
 def test_fastmri_random_expected_lines(acc: int) -> None:
     """RandomMaskFunc keeps each outer line with p = (W/acc - nlf)/(W - nlf), so E[lines] = W/acc exactly.
 
-    The mean over seeds must lie within 4 binomial standard errors. (REFERENCE.md's 3.97/7.79 are consistent with
+    The mean over seeds must lie within 4 binomial standard errors. (docs/formats.md's 3.97/7.79 are consistent with
     this: single draws scatter by about +-0.3x at 4x and +-1x at 8x.)
     """
     results = [get_mask("random", SHAPE_1D, acc, seed=s) for s in range(N_SEEDS)]
