@@ -26,7 +26,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def test_data_dir() -> Path:
-    """Small real files copied from ../shared/real so the repository stands alone."""
+    """Small real files (a real header, slices, metadata CSVs and stats) kept in the repository."""
     return REPO_ROOT / "tests" / "data"
 
 
