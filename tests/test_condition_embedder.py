@@ -20,7 +20,7 @@ D = 32
 
 @pytest.fixture(scope="module")
 def stats(test_data_dir) -> dict:
-    """The real brain+knee stats (schema of ../shared/real/metadata_matters) plus our header keys."""
+    """The real brain+knee stats (schema: docs/formats.md, metadata CSV) plus our header keys."""
     s = json.loads((test_data_dir / "metadata_stats_brain_knee.json").read_text())
     s["field_strength"] = {"min": 1.5, "max": 3.0}
     s["vendor"] = ["SIEMENS", "GE MEDICAL SYSTEMS"]
