@@ -38,7 +38,7 @@ MULTI_LABEL_COLUMNS = {"pathology"}
 #: Strings that mean "no value" in the CSVs found in the wild.
 _MISSING_STRINGS = {"", "nan", "none", "null", "n/a", "na"}
 
-#: Clean contrast labels from the fastMRI ``acquisition`` attribute (REFERENCE.md §1).
+#: Clean contrast labels from the fastMRI ``acquisition`` attribute (docs/formats.md).
 ACQUISITION_TO_CONTRAST = {
     "CORPD_FBK": "PD",
     "CORPDFS_FBK": "PDFS",
