@@ -1,4 +1,4 @@
-"""Reading CMRxRecon multi-coil ``.mat`` files (MATLAB v7.3 = HDF5) of the 2023 and 2024 releases (REFERENCE.md §3).
+"""Reading CMRxRecon multi-coil ``.mat`` files (MATLAB v7.3 = HDF5) of the 2023 and 2024 releases (docs/formats.md).
 
 h5py shows MATLAB's dimensions reversed and complex numbers as a compound ``(real, imag)``. k-space is
 ``(kx, ky, coils, slices, frames)`` in MATLAB, i.e. ``(frames, slices, coils, ky, kx)`` in h5py; ``kx`` is the (2x
@@ -43,7 +43,7 @@ class SeriesProtocol:
     flip_angle: float | None = None
 
 
-#: Known series (file stem -> protocol). Cine TR/TE/flip are not published: missing. Mapping values: REFERENCE.md §3.
+#: Known series (file stem -> protocol). Cine TR/TE/flip are not published: missing. Mapping values: docs/formats.md.
 SERIES_PROTOCOLS: dict[str, SeriesProtocol] = {
     "cine_sax": SeriesProtocol("sax", "Short axis CINE", CINE_CONTRAST),
     "cine_lax": SeriesProtocol("lax", "Long axis CINE", CINE_CONTRAST),
