@@ -13,7 +13,7 @@ import torch
 
 Array = TypeVar("Array", torch.Tensor, np.ndarray)
 
-# ContextMRI's preprocessing parameters (REFERENCE.md §1).
+# ContextMRI's preprocessing parameters (docs/formats.md).
 ESPIRIT_DEFAULTS = {"calib_width": 24, "thresh": 0.02, "kernel_width": 6, "crop": 0.95, "max_iter": 100}
 
 
