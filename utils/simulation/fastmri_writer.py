@@ -5,7 +5,7 @@ Per volume (one subject): a protocol drawn from the real fastMRI brain protocol 
 the signal equations (:mod:`utils.simulation.tissue`), then coils, oversampling, noise and zero-filled phase-encode
 columns (:mod:`utils.simulation.kspace`).
 
-File (REFERENCE.md §2): ``kspace`` complex64 ``(S, C, H, W)``; ``reconstruction_rss`` float32
+File (docs/formats.md): ``kspace`` complex64 ``(S, C, H, W)``; ``reconstruction_rss`` float32
 ``(S, min(320, H//2), min(320, W))`` = RSS of the inverse FFT of the stored k-space, centre-cropped (start
 ``(H - h) // 2``); ``ismrmrd_header`` (XML bytes); attributes ``acquisition``, ``max``, ``norm`` (Frobenius norm of
 ``reconstruction_rss``), ``patient_id``. Names ``file_brain_{ACQ}_{site}_{id}.h5``.
