@@ -1,6 +1,6 @@
 """ISMRMRD XML header writer for simulated fastMRI volumes.
 
-Writes every element of a real fastMRI brain header (REFERENCE.md §2; element order as Siemens-converted fastMRI files
+Writes every element of a real fastMRI brain header (docs/formats.md; element order as Siemens-converted fastMRI files
 have it), so readers that look up ``sequenceParameters/TR``, ``encoding/encodingLimits/kspace_encoding_step_1/center``
 and friends find exactly what they would in a real file. The result validates against the ISMRMRD schema
 (``ismrmrd.xsd.CreateFromDocument``).
