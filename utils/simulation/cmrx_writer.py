@@ -1,4 +1,4 @@
-"""Simulated CMRxRecon cine data in the 2023 and 2024 folder layouts (REFERENCE.md §3).
+"""Simulated CMRxRecon cine data in the 2023 and 2024 folder layouts (docs/formats.md).
 
 Arrays are given to :func:`utils.simulation.matlab_io.save_mat_v73` in MATLAB order ``(kx, ky, coils, slices, frames)``
 (h5py then shows ``(frames, slices, coils, ky, kx)``); ``kx`` is the 2× oversampled readout, ``ky`` the phase encode
