@@ -1,4 +1,4 @@
-"""Offline preprocessing of fully sampled multi-coil k-space into the ContextMRI training layout (REFERENCE.md §1).
+"""Offline preprocessing of fully sampled multi-coil k-space into the ContextMRI training layout (docs/formats.md).
 
 Per slice: ESPIRiT maps from the k-space, MVUE coil combination, centre crop/pad in the image domain (which removes the
 2x readout oversampling of fastMRI), division by the 99th percentile of the magnitude. Written as::
@@ -88,7 +88,7 @@ class EspiritParams:
     ``backend="fast"`` (default) computes the same maps as sigpy's ``EspiritCalib`` exactly (top eigenvector by
     ``eigh``) on the kept pixels only, see :func:`utils.coils.espirit_maps_fast`; ``max_iter`` is then unused.
     ``backend="sigpy"`` runs ``EspiritCalib`` (power iteration, ``max_iter`` steps) on the full grid, as the reference.
-    The other fields are the reference's parameters (REFERENCE.md §1).
+    The other fields are the reference's parameters (docs/formats.md).
     """
 
     calib_width: int = ESPIRIT_DEFAULTS["calib_width"]
