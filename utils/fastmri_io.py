@@ -1,4 +1,4 @@
-"""Reading fastMRI multi-coil h5 files and their ISMRMRD XML header (REFERENCE.md §2).
+"""Reading fastMRI multi-coil h5 files and their ISMRMRD XML header (docs/formats.md).
 
 A fastMRI file holds ``kspace`` complex64 ``[slices, coils, H, W]`` (H = readout, 2x oversampled; W = phase encode),
 optionally ``reconstruction_rss`` ``[slices, 320, 320]``, the XML header ``ismrmrd_header`` and attributes
