@@ -298,7 +298,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def check_config(config: TrainConfig) -> None:
-    """Validate the values of a config (not the files they name: see ``utils.training.setup``).
+    """Validate the values of a config (not the files they name: see ``utils.training.data.build_training_data``).
 
     Raises:
         ConfigError: with a message that names the offending flag.
