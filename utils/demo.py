@@ -200,8 +200,6 @@ def text_args(cfg: DemoConfig) -> list:
 
 def train(cfg: DemoConfig, method: str, text_folder: Path) -> Path:
     out = cfg.output_dir / "models" / method
-    if (out / "weights.sha256.json").is_file():  # the export's completion record, written last
-        return out
     root = cfg.output_dir / "fastmri"
     unet_config = REPO / "configs" / "unet" / f"{cfg.unet_config}.json"
     common = ["train_mri.py", "--unet_config", unet_config, "--data_root", root,
@@ -230,8 +228,25 @@ def train(cfg: DemoConfig, method: str, text_folder: Path) -> Path:
                  "--mri_metadata_dir_cardio", root / "metadata_cardiology_train.csv"]
     else:
         raise ValueError(method)
+    if (out / "weights.sha256.json").is_file():  # the export's completion record, written last
+        _check_same_run(out, [str(a) for a in common + extra])
+        return out
     _run(common + extra, cfg, f"train_{method}")
     return out
+
+
+def _check_same_run(out: Path, args: list[str]) -> None:
+    """Refuse to reuse a finished model trained with other settings (a stale model would fake the comparison)."""
+    from utils.training.config import (OODTrainConfig, TrainConfig, describe_differences, parse_config,
+                                       run_identity_differences)
+
+    cls = OODTrainConfig if args[0] == "train_mri_ood.py" else TrainConfig
+    current = parse_config(args[1:], cls).to_dict()
+    stored = json.loads((out / "run_config.json").read_text())
+    differing = run_identity_differences(stored, current)
+    if differing:
+        raise RuntimeError(f"{out} holds a model trained with other settings: "
+                           f"{describe_differences(stored, current, differing)}; delete it or use another output dir")
 
 
 def metadata_report(cfg: DemoConfig, method: str, model: Path, report_dir: Path) -> dict:
