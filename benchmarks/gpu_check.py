@@ -1,11 +1,17 @@
 #!/usr/bin/env python
-"""GPU check: a few training steps of the released-size UNet in bf16, and one 320x320 DDS reconstruction.
+"""GPU check: a few training steps of the released-size UNet in bf16, one 320x320 DDS reconstruction, the fast preset,
+and a DDS batch sweep (slices/s and peak memory per slice at batch 1, 2, 4, 8).
 
 One prepared run for a session that has a GPU (it needs no data and no weights: the UNet is built from the released
-config with random weights, which is all a speed and memory check needs). Prints times and peak memory.
+config with random weights, which is all a speed and memory check needs). Prints times and peak memory; ``--json``
+writes every figure the README's GPU numbers need.
 
-    python benchmarks/gpu_check.py                     # CUDA: 318 M UNet, 320x320, bf16, DDS 100 steps
+    python benchmarks/gpu_check.py --json gpu.json     # CUDA: 318 M UNet, 320x320, bf16, DDS 100 steps, preset, sweep
     python benchmarks/gpu_check.py --tiny --device cpu # the same code path on a CPU in seconds (used by the tests)
+
+The batch sweep (``benchmarks/bench_throughput.py``'s timing) measures ``--sweep_steps`` DDS steps per batch size and
+extrapolates slices/s to a 100-step run (the per-step cost is constant); the fast preset
+(``utils.samplers.PRESETS["fast"]``) is run in full on one slice.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dds_steps", type=int, default=100)
     p.add_argument("--coils", type=int, default=16)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--sweep_batches", type=int, nargs="*", default=[1, 2, 4, 8],
+                   help="batch sizes of the DDS throughput sweep (none: skip it)")
+    p.add_argument("--sweep_steps", type=int, default=10, help="DDS steps measured per batch size in the sweep")
+    p.add_argument("--preset", default="fast", help="a utils.samplers.PRESETS name run on one slice ('none': skip)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return p.parse_args(argv)
 
@@ -131,8 +141,41 @@ def main(argv=None) -> dict:
     figures["dds_peak_mib"] = _peak_mib(device)
     print(f"DDS {args.dds_steps} steps ({stats.nfe} NFE), {size}x{size}, {args.coils} coils: {figures['dds_s']:.2f} s, "
           f"peak {figures['dds_peak_mib'] or float('nan'):.0f} MiB")
+
+    # --- the fast preset, in full, on the same slice --------------------------------------------------------------------
+    if args.preset != "none":
+        from utils.samplers import PRESETS, dc_sample
+
+        preset = dict(PRESETS[args.preset])
+        sampler, steps = preset.pop("sampler"), preset.pop("num_steps")
+        stats = SamplerStats()
+        _sync(device)
+        start = time.perf_counter()
+        dc_sample(sampler, eps_fn, op, y, acp, num_steps=steps, stats=stats,
+                  generators=[torch.Generator(device=device).manual_seed(1)], **preset)
+        _sync(device)
+        wall = time.perf_counter() - start
+        figures["preset"] = {"name": args.preset, **PRESETS[args.preset], "s_per_slice": wall, "nfe": stats.nfe,
+                             "speedup_vs_dds": figures["dds_s"] / wall}
+        print(f"preset {args.preset} ({sampler}, {steps} steps, {stats.nfe} NFE): {wall:.2f} s per slice "
+              f"({figures['preset']['speedup_vs_dds']:.1f}x faster than DDS {args.dds_steps} steps)")
+
+    # --- DDS batch sweep: slices/s and peak memory per slice --------------------------------------------------------
+    if args.sweep_batches:
+        from benchmarks.bench_throughput import time_dds
+
+        sweep_args = argparse.Namespace(steps=args.sweep_steps, extrapolate_to=100, cg_iter=5, precision=args.precision,
+                                        size=size, coils=args.coils, seed=0)
+        figures["batch_sweep"] = []
+        for b in args.sweep_batches:
+            row = time_dds(unet, cond[:1], b, sweep_args, device)
+            figures["batch_sweep"].append(row)
+            print(f"sweep batch {b}: {row['slices_per_s_at_100_steps']:.3f} slices/s at 100 steps, "
+                  f"peak {row['peak_mib_per_slice']:.0f} MiB/slice")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+        from utils.files import write_json
+
+        write_json(args.json, figures)
     return figures
 
 
