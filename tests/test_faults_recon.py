@@ -80,15 +80,17 @@ def tiny(tmp_path_factory):
     from utils.preprocessing import write_stats_from_csvs
 
     root = tmp_path_factory.mktemp("faults_recon")
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models run fastest on one thread; restored after the module
     csv = write_tiny_dataset(root / "data", "brain", split="val", num_files=2, slices_per_file=3, crop=CROP, coils=2,
                              seed=5)
     write_stats_from_csvs([csv], root / "stats.json")
     model = _make_model(root / "model", unconditional=False, enable_condition_emb=True,
                         metadata_stats=str(root / "stats.json"))
     base = ["--data_root", root / "data", "--load_dir_meta_brain", csv, "--no_png"]
-    return SimpleNamespace(root=root, data=root / "data", csv=csv, model=model, base=base,
-                           diff=[*base, "--finetune_folder", model, "--enable_condition_emb"])
+    yield SimpleNamespace(root=root, data=root / "data", csv=csv, model=model, base=base,
+                          diff=[*base, "--finetune_folder", model, "--enable_condition_emb"])
+    torch.set_num_threads(threads)
 
 
 def _dirs(save_dir: Path) -> list[Path]:
