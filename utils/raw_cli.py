@@ -39,6 +39,18 @@ def explicit_flags(build_parser: Callable[[], argparse.ArgumentParser], argv: li
     return set(vars(ns))
 
 
+def _multi_process_cpu() -> bool:
+    """True for a multi-process launch without CUDA: ``PartialState()`` would fall back to one process there (every
+    process reconstructing every slice), so it must be asked for CPU (gloo) processes."""
+    import os
+
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Callable[[], argparse.ArgumentParser],
              prog: str) -> int:
     """Run a ``--raw_dir`` reconstruction from parsed arguments; returns the exit status."""
@@ -46,8 +58,11 @@ def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Cal
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         return code
 
+    from accelerate import PartialState
+
     from utils.raw_data import list_raw_files, load_metadata_overrides, open_raw_volume
 
+    state = PartialState(cpu=_multi_process_cpu())
     if args.data_root is not None:
         return fail("give --raw_dir or --data_root, not both")
     given = explicit_flags(build_parser, argv)
@@ -67,7 +82,6 @@ def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Cal
     acc = args.acc_factor if ("acc_factor" in given or not all_test) else None
 
     import torch
-    from accelerate import PartialState
 
     from utils.raw_reconstruction import (
         RawReconSettings, clear_raw_results, raw_data_identity, raw_out_dir, run_raw_reconstruction, summarize_raw,
@@ -102,7 +116,6 @@ def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Cal
     except ValueError as err:
         return fail(str(err).splitlines()[0])
 
-    state = PartialState()
     model_id = stats = None
     if plan is not None:
         from utils.diffusion_recon import model_identity
