@@ -80,8 +80,8 @@ class RawVolume:
         acquired: bool ``[W]`` acquired columns.
         file_mask: the test file's ``mask`` ``[W]`` (float32 0/1), else ``None``.
         file_acceleration, file_num_low_frequency: the test file's attributes (``None`` otherwise).
-        recon_shape: output size: ``reconstruction_rss``'s, else the header's ``reconSpace`` (x, y), else
-            ``(H // 2, W)``, each clipped to the grid.
+        recon_shape: output size: ``reconstruction_rss``'s (zero-padded where it is wider than the grid), else the
+            header's ``reconSpace`` (x, y) clipped to the grid, else ``(H // 2, W)``.
         has_target: the file holds ``reconstruction_rss``.
         header: parsed ISMRMRD header (or ``None``).
         attrs: file attributes.
@@ -142,13 +142,12 @@ def open_raw_volume(
                 raise ValueError(f"{path}: mask has {file_mask.size} entries, the phase-encode width is {w}")
         has_target = "reconstruction_rss" in h5
         target_shape = tuple(h5["reconstruction_rss"].shape[-2:]) if has_target else None
-    if target_shape is not None:
+    if target_shape is not None:  # the output must match the target, even where it is wider than the grid
         recon = target_shape
     elif header is not None and header.recon_matrix[0] and header.recon_matrix[1]:
-        recon = (int(header.recon_matrix[0]), int(header.recon_matrix[1]))
+        recon = (min(int(header.recon_matrix[0]), h), min(int(header.recon_matrix[1]), w))
     else:
         recon = (h // 2, w)
-    recon = (min(recon[0], h), min(recon[1], w))
     acc = attrs.get("acceleration")
     nlf = attrs.get("num_low_frequency")
     vol = RawVolume(
@@ -513,16 +512,17 @@ def coil_combine(y: np.ndarray, maps: np.ndarray) -> np.ndarray:
 
 
 def zero_filled_rss(y: np.ndarray, recon_shape: tuple[int, int]) -> np.ndarray:
-    """fastMRI's zero-filled baseline: RSS of the zero-filled coil images, centre-cropped (removes the oversampling).
+    """fastMRI's zero-filled baseline: RSS of the zero-filled coil images, centre-cropped (removes the oversampling;
+    zero-padded along an axis where ``recon_shape`` is wider than the grid).
 
     Returns:
         float32 ``[h, w]``.
     """
-    from utils.coils import center_crop, rss
+    from utils.coils import center_crop_or_pad, rss
     from utils.fft import ifft2c
 
     img = ifft2c(torch.from_numpy(np.ascontiguousarray(y, dtype=np.complex64)))
-    return center_crop(rss(img), recon_shape).numpy().astype(np.float32)
+    return center_crop_or_pad(rss(img), recon_shape).numpy().astype(np.float32)
 
 
 def measured_scale(

@@ -286,7 +286,7 @@ def run_raw_reconstruction(
 
 
 def _reconstruct_slices(vol: RawVolume, idxs: list[int], s: RawReconSettings, out: Path, diffusion, device) -> None:
-    from utils.coils import center_crop
+    from utils.coils import center_crop_or_pad
 
     t0 = time.perf_counter()
     meas, sigmas, zfs, fulls_k = [], [], [], []
@@ -330,11 +330,11 @@ def _reconstruct_slices(vol: RawVolume, idxs: list[int], s: RawReconSettings, ou
             for e, g in zip(extra, gammas):
                 e["gamma"] = g
         for b, (full, sc) in enumerate(zip(fulls, scales)):
-            cplx = center_crop(full, vol.recon_shape).astype(np.complex64)
+            cplx = center_crop_or_pad(full, vol.recon_shape).astype(np.complex64)
             res = {"magnitude": np.abs(cplx).astype(np.float32), "complex": cplx,
                    "image_full": full.astype(np.complex64)}  # fmt: skip
             if stds[b] is not None:
-                res["std"] = center_crop(stds[b], vol.recon_shape).astype(np.float32)
+                res["std"] = center_crop_or_pad(stds[b], vol.recon_shape).astype(np.float32)
             results.append(res)
             extra[b]["scale"] = float(sc)
             extra[b]["sigma_normalized"] = sigmas[b] / float(sc)
