@@ -239,6 +239,15 @@ def test_script_raw_dir_smoke_and_refusals(raw_dir, tmp_path, capsys) -> None:
     assert rc == 2 and "contradicts" in err and len(err.splitlines()) == 1
     rc = recon_complex_multi.main(["--method", "zero_filled", "--save_dir", str(tmp_path)])
     assert rc == 2 and "--raw_dir" in capsys.readouterr().err
+    rc = recon_complex_multi.main(["--raw_dir", str(test_dir), "--method", "zero_filled", "--gamma", "-1",
+                                   "--save_dir", str(tmp_path)])  # fmt: skip
+    assert rc == 2 and "gamma" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "truncated.h5").write_bytes(b"not an hdf5 file")
+    rc = recon_complex_multi.main(["--raw_dir", str(bad), "--method", "zero_filled", "--save_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "truncated.h5" in err and len(err.splitlines()) == 1
 
 
 def test_oracle_prior_through_the_raw_path_recovers_the_rss_target(raw_dir, tmp_path) -> None:

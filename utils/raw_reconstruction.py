@@ -116,8 +116,21 @@ class RawReconSettings:
             raise ValueError(f"unknown outside handling {self.outside!r}: choose lsq or zero")
         if self.num_samples < 1 or self.batch_size < 1 or self.num_steps < 1:
             raise ValueError("num_samples, batch_size and num_steps must be >= 1")
-        if self.acc_factor is not None and not (math.isfinite(self.acc_factor) and self.acc_factor >= 1):
-            raise ValueError(f"acc_factor must be a finite number >= 1, got {self.acc_factor}")
+        if self.acc_factor is not None and not (math.isfinite(self.acc_factor) and self.acc_factor > 1):
+            raise ValueError(f"acc_factor must be a finite number > 1, got {self.acc_factor}")
+        if self.center_fraction is not None and not 0 < self.center_fraction < 1:
+            raise ValueError(f"center_fraction must lie in (0, 1), got {self.center_fraction}")
+        positive = {"prior_error_std": self.prior_error_std, "outside_lambda": self.outside_lambda,
+                    "dps_step": self.dps_step}  # fmt: skip
+        non_negative = {"gamma": self.gamma, "eta": self.eta, "cs_lambda": self.cs_lambda}
+        for name, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        for name, value in non_negative.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if min(self.cg_iter, self.outside_iter) < 0 or self.cs_iter < 1:
+            raise ValueError("cg_iter and outside_iter must be >= 0, cs_iter >= 1")
         if self.image_size is not None:
             self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
 
