@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "images (99th percentile of |x| = 1); seeded per (file, slice), the same for every method")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="diffusion", choices=["diffusion", "zero_filled", "cs"])
+    from utils.samplers import PRESETS
+
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="named sampler settings (utils.samplers.PRESETS; flags given explicitly win): 'fast' = "
+                        + ", ".join(f"--{k} {v}" for k, v in PRESETS["fast"].items())
+                        + " (benchmarks/bench_nfe_quality.py, README 'Fast reconstruction')")
     g.add_argument("--sampler", default="dds", choices=["dds", "dps"])
     g.add_argument("--num_steps", type=int, default=100)
     g.add_argument("--eta", type=float, default=0.8)
@@ -107,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset is not None:  # a preset only changes defaults, so explicitly given flags keep their values
+        from utils.samplers import PRESETS
+
+        parser.set_defaults(**PRESETS[preset])
+    return parser.parse_args(argv)
 
 
 class ArgumentProblem(Exception):
