@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metadata_stats", type=Path, default=None,
                    help="the model's stats (default: {demo_dir}/metadata_stats.json when the model has an embedder)")
     p.add_argument("--num_slices", type=int, default=20, help="reported slices: the first N of --csv (the demo's 20)")
-    p.add_argument("--num_tune", type=int, default=6, help="tuning slices, one per subject, spread over the CSV")
+    p.add_argument("--num_tune", type=int, default=4, help="tuning slices, one per subject, spread over the CSV")
     p.add_argument("--mask_type", default="uniform1d")
     p.add_argument("--acc_factor", type=float, default=4.0)
     p.add_argument("--noise_sigma", type=float, default=0.02,
@@ -146,11 +146,12 @@ def check_args(a: argparse.Namespace) -> None:
 
 
 def spread(n_total: int, n: int, groups: list[str]) -> list[int]:
-    """Up to ``n`` indices out of ``n_total``, one per distinct group (file) first, evenly spread over the list."""
-    firsts: dict[str, int] = {}
+    """Up to ``n`` indices out of ``n_total``: the middle slice of distinct groups (files) evenly spread over the list
+    (the demo's CSVs list the contrasts one after the other, so 4 picks cover all 4), then other slices if needed."""
+    members: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
-        firsts.setdefault(g, i)
-    order = list(firsts.values())
+        members.setdefault(g, []).append(i)
+    order = [m[len(m) // 2] for m in members.values()]
     if len(order) < n:
         order += [i for i in range(n_total) if i not in set(order)]
     pick = np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int)

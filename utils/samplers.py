@@ -616,7 +616,7 @@ DC_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"dds": dds_sample, "dpmpp
 # within 0.2 dB (paired mean PSNR) of 100-step DDS at <= 25 network evaluations (or, if none got there, the best such
 # setting); tests/test_fast_preset.py checks it against the committed benchmarks/results/nfe_quality.json.
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"sampler": "dds", "num_steps": 25, "eta": 0.8, "gamma": 50.0, "cg_iter": 5},
+    "fast": {"sampler": "dds", "num_steps": 25, "eta": 1.0, "gamma": 50.0, "cg_iter": 5},
 }
 
 
