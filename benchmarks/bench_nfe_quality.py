@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "metadata_stats.json)")
     p.add_argument("--finetune_folder", type=Path, default=None, help="default: {demo_dir}/models/fine-grained")
     p.add_argument("--data_root", type=Path, default=None, help="default: {demo_dir}/fastmri")
-    p.add_argument("--csv", type=Path, default=None, help="reported slices (default: {data_root}/metadata_brain_val.csv)")
+    p.add_argument("--csv", type=Path, default=None,
+                   help="reported slices (default: {data_root}/metadata_brain_val.csv)")
     p.add_argument("--split", default="val", choices=["train", "val"], help="split folder of --csv")
     p.add_argument("--tune_csv", type=Path, default=None,
                    help="tuning slices (default: {data_root}/metadata_brain_train.csv), never the reported ones")

@@ -204,14 +204,20 @@ def time_dds(unet, cond, batch: int, a: argparse.Namespace, device: torch.device
     }
 
 
-def sweep(unet, cond, a: argparse.Namespace, device: torch.device, label: str) -> list[dict[str, Any]]:
-    """Every batch size of ``a.batches``, after one discarded run (process-wide one-off allocations)."""
+def sweep(unet, cond, a: argparse.Namespace, device: torch.device, label: str,
+          figures: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every batch size of ``a.batches``, after one discarded run (process-wide one-off allocations). With
+    ``figures`` and ``--json``, the file is rewritten after each batch size (a slow sweep keeps what it measured)."""
     time_dds(unet, cond, min(a.batches), a, device, steps=1)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for b in a.batches:
         row = time_dds(unet, cond, b, a, device)
         row["model"] = label
         rows.append(row)
+        if figures is not None and a.json:
+            from utils.files import write_json
+
+            write_json(a.json, {**figures, label: rows, "complete": False})
         print(f"  {label:8s} batch {b:2d}: {row['s_per_step'] * 1e3:9.1f} ms/step, "
               f"{row['slices_per_s_per_step']:8.2f} slice-steps/s, "
               f"{row[f'slices_per_s_at_{a.extrapolate_to}_steps']:.4f} slices/s at {a.extrapolate_to} steps, "
@@ -235,21 +241,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "precision": a.precision, "cg_iter": a.cg_iter, "steps_measured": a.steps,
         "extrapolated_to_steps": a.extrapolate_to,
         "note": "slices/s at N steps = batch / (measured s per step x N); the per-step cost is constant over a run",
-        "eager": sweep(unet, cond, a, device, "eager"),
     }
+    figures["eager"] = sweep(unet, cond, a, device, "eager", figures)
     if a.compile:
         try:
             start = time.perf_counter()
             compiled = torch.compile(unet)
             time_dds(compiled, cond, a.batches[0], a, device, steps=1)  # triggers compilation
             figures["compile_s"] = time.perf_counter() - start
-            figures["compiled"] = sweep(compiled, cond, a, device, "compiled")
+            figures["compiled"] = sweep(compiled, cond, a, device, "compiled", figures)
             eager = {r["batch"]: r["s_per_step"] for r in figures["eager"]}
             figures["compile_speedup"] = {str(r["batch"]): eager[r["batch"]] / r["s_per_step"]
                                           for r in figures["compiled"]}
         except Exception as err:  # noqa: BLE001 - any compiler failure is a measured outcome, not a crash
             figures["compile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             print(f"torch.compile failed: {figures['compile_error']}", flush=True)
+    figures["complete"] = True
     if a.json:
         from utils.files import write_json
 

@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     print(f"DDS {args.dds_steps} steps ({stats.nfe} NFE), {size}x{size}, {args.coils} coils: {figures['dds_s']:.2f} s, "
           f"peak {figures['dds_peak_mib'] or float('nan'):.0f} MiB")
 
-    # --- the fast preset, in full, on the same slice --------------------------------------------------------------------
+    # --- the fast preset, in full, on the same slice ----------------------------------------------------------------
     if args.preset != "none":
         from utils.samplers import PRESETS, dc_sample
 

@@ -113,7 +113,8 @@ def tiny(tmp_path_factory):
                                coils=2, seed=4)
     write_stats_from_csvs([train], root / "stats.json")
     model = _make_model(root / "model", unconditional=False, enable_condition_emb=True,
-                        metadata_stats=str(root / "stats.json"), unet_config=str(REPO / "configs" / "unet" / "tiny.json"))
+                        metadata_stats=str(root / "stats.json"),
+                        unet_config=str(REPO / "configs" / "unet" / "tiny.json"))
     return root, val, train, model
 
 
