@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench clean-venv
+.PHONY: install test test-fast demo study bench clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ test: $(STAMP)  ## run the whole test suite
 
 demo: $(STAMP)  ## the main job on simulated data (see README)
 	$(PY) demo.py --output_dir demo_output
+
+study: $(STAMP)  ## the multi-seed study (see README; ~75-90 min on 2 idle cores)
+	$(PY) demo.py --study --output_dir study_output
 
 clean-venv:
 	rm -rf $(VENV)

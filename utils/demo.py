@@ -10,10 +10,12 @@ them:
 
 * ``unconditioned``: one constant token (no metadata);
 * ``text``: the ContextMRI prompt through a CLIP text transformer. No pretrained CLIP weights exist offline; the
-  encoder is a small, randomly initialised CLIP text tower that stays *frozen*, and only its projection into the
-  UNet's token width is trained (``DemoConfig.text_encoder``; the README gives the measurement behind this choice:
-  an encoder trained from scratch with the UNet learnt to map every prompt to nearly the same tokens);
-* ``t5`` (study only): the same prompt through a tiny T5 encoder, frozen at random initialisation, projection trained;
+  encoder is a small, randomly initialised CLIP text tower (width 128) that stays *frozen*; its tokens enter the UNet
+  through the UNet's own input projection (``encoder_hid_proj``, 128 -> 128), which trains with the UNet
+  (``DemoConfig.text_encoder``; the README gives the measurement behind this choice: an encoder trained from scratch
+  with the UNet learnt to map every prompt to nearly the same tokens);
+* ``t5`` (study only): the same prompt through a tiny T5 encoder (width 48), frozen at random initialisation; the
+  48 -> 128 text projection trains;
 * ``fine-grained``: typed metadata tokens (Metadata Matters), no text;
 * ``fine-grained+ood`` (``--with_ood``, study): the same, trained with the cardiac set (``train_mri_ood.py``).
 """

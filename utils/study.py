@@ -212,7 +212,8 @@ def run_study(cfg: StudyConfig) -> Path:
         "",
         "Information report (metadata_report.py, null condition vs correct metadata; nats per image, I-MMSE estimate "
         "over the report's t grid), mean over seeds with a 95 % interval:", "",
-        "| model | nats per seed | mean [95 % CI] | reads its condition (z ≥ 3) per seed | largest null-gap z per seed |",
+        "| model | nats per seed | mean [95 % CI] | reads its condition (z ≥ 3) per seed "
+        "| largest null-gap z per seed |",
         "|---|---|---|---|---|",
         *[f"| {SHORT.get(m, m)} | {', '.join('n/a' if n is None else f'{n:+.2f}' for n in v['nats_per_seed'])} | "
           f"{_ci(v)} | {', '.join('yes' if r else 'no' for r in v['reads_per_seed'])} | "
