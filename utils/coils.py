@@ -161,14 +161,28 @@ def _espirit_gram_kernel(kspace: np.ndarray, calib_width: int, thresh: float, ke
     calib = np.zeros((num_coils, calib_width, calib_width), dtype=np.complex128)
     (iy, oy, ly), (ix, ox, lx) = (_sigpy_resize_window(n, calib_width) for n in kspace.shape[1:])
     calib[:, oy : oy + ly, ox : ox + lx] = kspace[:, iy : iy + ly, ix : ix + lx]
+    return espirit_gram_taps(calib, thresh, kernel_width)
+
+
+def espirit_gram_taps(calib: np.ndarray, thresh: float, kernel_width: int) -> np.ndarray:
+    """``G[i, j, dy, dx]``: the per-pixel ESPIRiT matrix ``AᴴA(r)`` as ``(2k-1)²`` taps, from a calibration block.
+
+    Args:
+        calib: calibration k-space ``[C, Hc, Wc]`` (any rectangle; square for sigpy's ``EspiritCalib``).
+        thresh: keep the kernels whose singular value exceeds ``thresh · σ_max``.
+        kernel_width: ``k``, the width of the ``k × k`` patches.
+    Returns:
+        complex128 ``[C, C, 2k-1, 2k-1]``.
+    """
     kw = kernel_width
+    num_coils = calib.shape[0]
     # Calibration (Hankel) matrix, rows = kernel positions, columns = (coil, ky, kx): sigpy's array_to_blocks order.
     blocks = np.lib.stride_tricks.sliding_window_view(calib, (kw, kw), axis=(1, 2))  # [C, by, bx, kw, kw]
     mat = blocks.reshape(num_coils, -1, kw * kw).transpose(1, 0, 2).reshape(-1, num_coils * kw * kw)
     # Right singular vectors of the calibration matrix from the smaller of its two Gram matrices (σ² = eigenvalues):
     # the same subspace as sigpy's SVD at a fraction of the cost. torch's eigh: numpy's threaded LAPACK collapses when
     # the cores are shared. The threshold compares σ, i.e. the square roots of the eigenvalues.
-    mat_t = torch.from_numpy(np.ascontiguousarray(mat))
+    mat_t = torch.from_numpy(np.ascontiguousarray(mat, dtype=np.complex128))
     if mat.shape[0] < mat.shape[1]:
         evals, u = torch.linalg.eigh(mat_t @ mat_t.conj().T)
         sv = evals.clamp_min(0).sqrt()

@@ -368,27 +368,9 @@ def _gram_taps(calib: np.ndarray, thresh: float, kw: int) -> np.ndarray:
     ``kw × kw`` patches, rows above ``thresh · σ_max``), but the block may be taller than wide: undersampled data has
     few ACS columns and every readout row.
     """
-    c = calib.shape[0]
-    blocks = np.lib.stride_tricks.sliding_window_view(calib, (kw, kw), axis=(1, 2))
-    mat = blocks.reshape(c, -1, kw * kw).transpose(1, 0, 2).reshape(-1, c * kw * kw)
-    mat_t = torch.from_numpy(np.ascontiguousarray(mat, dtype=np.complex128))
-    if mat.shape[0] < mat.shape[1]:
-        evals, u = torch.linalg.eigh(mat_t @ mat_t.conj().T)
-        sv = evals.clamp_min(0).sqrt()
-        keep = sv > thresh * sv.max()
-        vh = ((u[:, keep].conj().T @ mat_t) / sv[keep, None]).resolve_conj().numpy()
-    else:
-        evals, v = torch.linalg.eigh(mat_t.conj().T @ mat_t)
-        sv = evals.clamp_min(0).sqrt()
-        vh = v[:, sv > thresh * sv.max()].conj().T.resolve_conj().numpy()
-    gram = (vh.T @ vh.conj()).reshape(c, kw, kw, c, kw, kw)
-    g = np.zeros((c, c, 2 * kw - 1, 2 * kw - 1), dtype=np.complex128)
-    for p2 in range(kw):
-        for q2 in range(kw):
-            g[:, :, kw - 1 - p2 : 2 * kw - 1 - p2, kw - 1 - q2 : 2 * kw - 1 - q2] += gram[:, :, :, :, p2, q2].transpose(
-                0, 3, 1, 2
-            )
-    return g / (kw * kw)
+    from utils.coils import espirit_gram_taps
+
+    return espirit_gram_taps(calib, thresh, kw)
 
 
 def coil_maps_from_acs(
