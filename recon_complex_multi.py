@@ -218,21 +218,6 @@ def _check_embedder(plan, enable_condition_emb: bool) -> None:
             raise ArgumentProblem(" ".join(str(err).split())) from None
 
 
-def _multi_process_cpu() -> bool:
-    """True for a multi-process launch that can only run on CPUs (gloo).
-
-    ``accelerate launch --multi_gpu`` on a machine without CUDA sets ``WORLD_SIZE`` but ``PartialState()`` then falls
-    back to a single process, so every process would reconstruct every slice; asking for CPU processes makes it shard.
-    """
-    import os
-
-    import torch
-
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-        return True
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
 def _note(message: str) -> None:
     print(f"{PROG}: note: {message}", file=sys.stderr, flush=True)
 
@@ -300,15 +285,16 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         print(f"{PROG}: error: no slices in [{args.start_idx}, {end}) (dataset has {len(dataset)})", file=sys.stderr)
         return 1
 
-    import torch
     from accelerate import PartialState
+
+    from utils.distributed import multi_process_cpu_launch
 
     from utils.reconstruction import (
         ReconSettings, RunMismatchError, data_identity, out_dir_for, prepare_out_dir, run_fingerprint,
         run_reconstruction, summarize, summary_lines,
     )
 
-    state = PartialState(cpu=_multi_process_cpu())
+    state = PartialState(cpu=multi_process_cpu_launch())
     settings = ReconSettings(
         method=args.method, sampler=args.sampler, mask_type=args.mask_type, acc_factor=args.acc_factor,
         center_fraction=args.center_fraction, noise_sigma=args.noise_sigma, num_steps=args.num_steps, eta=args.eta,
@@ -352,23 +338,10 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     diffusion = None
     if plan is not None:
-        from utils.diffusion_recon import DiffusionReconstructor, load_reconstruction_model
+        from utils.diffusion_recon import reconstructor_from_args
 
-        try:
-            unet, conditioner, schedule = load_reconstruction_model(
-                plan.base, plan.model_type, plan.finetune_folder, args.enable_condition_emb, plan.metadata_stats,
-                device=state.device,
-            )
-        except ValueError as err:
-            raise ArgumentProblem(str(err).splitlines()[0]) from None
-        autocast = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-        try:  # a drop key the model cannot read (neither a metadata token nor a prompt field) is a bad argument
-            diffusion = DiffusionReconstructor(
-                unet, conditioner, schedule, sampler=args.sampler, num_steps=args.num_steps, eta=args.eta,
-                gamma=args.gamma, cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale,
-                drop_metadata_keys=args.drop_metadata_keys, uncond_drop_keys=args.uncond_drop_keys,
-                autocast_dtype=autocast, clip_x0=args.clip_x0,
-            )
+        try:  # also: a drop key the model cannot read (neither a metadata token nor a prompt field) is a bad argument
+            diffusion = reconstructor_from_args(plan, args, state.device)
         except ValueError as err:
             raise ArgumentProblem(str(err).splitlines()[0]) from None
 

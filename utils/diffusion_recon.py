@@ -385,3 +385,25 @@ def model_identity(plan: ModelPlan) -> dict[str, Any]:
             files.update(folder_files(src, "text"))
     return {"kind": kind, "model_type": plan.model_type if (plan.is_lora or plan.finetune_folder is None) else None,
             "files": hash_files(files)}
+
+
+AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def reconstructor_from_args(plan: ModelPlan, args: Any, device: torch.device | str) -> DiffusionReconstructor:
+    """Load the model of ``plan`` and wrap it with the sampler settings of the parsed command line ``args``
+    (the ``--data_root`` and ``--raw_dir`` paths of ``recon_complex_multi.py`` share this).
+
+    Raises:
+        ValueError: the model does not load as planned (flags, stats, damaged export), or a drop key is one the model
+            cannot read; the first line of the message is meant for the user.
+    """
+    unet, conditioner, schedule = load_reconstruction_model(
+        plan.base, plan.model_type, plan.finetune_folder, args.enable_condition_emb, plan.metadata_stats, device=device,
+    )
+    return DiffusionReconstructor(
+        unet, conditioner, schedule, sampler=args.sampler, num_steps=args.num_steps, eta=args.eta, gamma=args.gamma,
+        cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale,
+        drop_metadata_keys=args.drop_metadata_keys, uncond_drop_keys=args.uncond_drop_keys,
+        autocast_dtype=AUTOCAST_DTYPES[args.mixed_precision], clip_x0=args.clip_x0,
+    )

@@ -39,18 +39,6 @@ def explicit_flags(build_parser: Callable[[], argparse.ArgumentParser], argv: li
     return set(vars(ns))
 
 
-def _multi_process_cpu() -> bool:
-    """True for a multi-process launch without CUDA: ``PartialState()`` would fall back to one process there (every
-    process reconstructing every slice), so it must be asked for CPU (gloo) processes."""
-    import os
-
-    import torch
-
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-        return True
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
 def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Callable[[], argparse.ArgumentParser],
              prog: str) -> int:
     """Run a ``--raw_dir`` reconstruction from parsed arguments; returns the exit status."""
@@ -60,9 +48,11 @@ def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Cal
 
     from accelerate import PartialState
 
+    from utils.distributed import multi_process_cpu_launch
+
     from utils.raw_data import list_raw_files, load_metadata_overrides, open_raw_volume
 
-    state = PartialState(cpu=_multi_process_cpu())
+    state = PartialState(cpu=multi_process_cpu_launch())
     if args.data_root is not None:
         return fail("give --raw_dir or --data_root, not both")
     given = explicit_flags(build_parser, argv)
@@ -80,8 +70,6 @@ def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Cal
     all_test = all(v.kind == "test" for v in volumes)
     mask_type = args.mask_type if ("mask_type" in given or not all_test) else None
     acc = args.acc_factor if ("acc_factor" in given or not all_test) else None
-
-    import torch
 
     from utils.raw_reconstruction import (
         RawReconSettings, clear_raw_results, raw_data_identity, raw_out_dir, run_raw_reconstruction, summarize_raw,
@@ -147,22 +135,12 @@ def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Cal
 
     diffusion = None
     if plan is not None:
-        from utils.diffusion_recon import DiffusionReconstructor, load_reconstruction_model
+        from utils.diffusion_recon import reconstructor_from_args
 
         try:
-            unet, conditioner, schedule = load_reconstruction_model(
-                plan.base, plan.model_type, plan.finetune_folder, args.enable_condition_emb, plan.metadata_stats,
-                device=state.device,
-            )
+            diffusion = reconstructor_from_args(plan, args, state.device)
         except ValueError as err:
             return fail(str(err).splitlines()[0])
-        autocast = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-        diffusion = DiffusionReconstructor(
-            unet, conditioner, schedule, sampler=args.sampler, num_steps=args.num_steps, eta=args.eta,
-            gamma=args.gamma, cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale,
-            drop_metadata_keys=args.drop_metadata_keys, uncond_drop_keys=args.uncond_drop_keys,
-            autocast_dtype=autocast, clip_x0=args.clip_x0,
-        )
     try:
         run_raw_reconstruction(volumes, settings, out, diffusion=diffusion, device=state.device,
                                process_index=state.process_index, num_processes=state.num_processes)  # fmt: skip

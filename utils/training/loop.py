@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from accelerate.utils import (
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 
+from utils.distributed import multi_process_cpu_launch
 from utils.training.checkpointing import (
     TrainingState,
     checkpoint_dir,
@@ -268,19 +268,6 @@ def _non_finite_error(accelerator: Accelerator, what: str, value: torch.Tensor, 
 # main entry
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _distributed_cpu_launch() -> bool:
-    """True for a multi-process launch (``accelerate launch --multi_gpu``/``torchrun``) on a machine without GPUs.
-
-    accelerate only sets up gloo DDP on CPU when asked with ``cpu=True``; without it every process silently trains
-    alone as rank 0.
-    """
-    from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    return not (torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available())
-
-
 def make_accelerator(config: TrainConfig) -> Accelerator:
     project = ProjectConfiguration(project_dir=config.output_dir,
                                    logging_dir=str(Path(config.output_dir) / config.logging_dir))
@@ -289,7 +276,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     report_to = None if config.report_to in ("none", "", None) else config.report_to
     return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
                        mixed_precision=config.mixed_precision, log_with=report_to, project_config=project,
-                       kwargs_handlers=[ddp], cpu=_distributed_cpu_launch())
+                       kwargs_handlers=[ddp], cpu=multi_process_cpu_launch())
 
 
 def _tracker_config(config: TrainConfig) -> dict:
