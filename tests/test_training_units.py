@@ -27,6 +27,7 @@ BASE = ["--unet_config", "tiny", "--mri_metadata_dir_brain", "b.csv", "--text_en
 def test_parser_defaults_equal_dataclass_defaults():
     for cls in (TrainConfig, OODTrainConfig):
         args = vars(build_parser(cls).parse_args([]))
+        assert args.pop("config") is None  # --config FILE (utils/cli.py): no file by default
         assert args == {f.name: f.default for f in dataclasses.fields(cls)}
 
 

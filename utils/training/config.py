@@ -3,6 +3,8 @@
 The dataclass is the single source of truth: every flag, its type, default, choices and help text are read from the
 fields, so the parser cannot drift from the config (the reference's hand-copied argparse defaults did).
 ``train_mri.py`` uses :class:`TrainConfig`; ``train_mri_ood.py`` uses :class:`OODTrainConfig`, which only adds fields.
+The parser is the project's one command-line idiom (:mod:`utils.cli`): ``--config run_config.json`` starts from a
+saved run's settings (options given on the command line override them).
 """
 
 from __future__ import annotations
@@ -10,22 +12,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import types
 import math
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from utils import cli
+from utils.cli import option
 from utils.files import write_json
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None, group: str = "run") -> Any:
-    """A dataclass field that carries its command-line help (and choices)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def _opt(default: Any, help: str, choices: tuple | None = None, group: str = "run", **kwargs: Any) -> Any:
+    """A dataclass field that carries its command-line help (and choices, aliases: :func:`utils.cli.option`)."""
+    return option(default, help, choices=choices, group=group, **kwargs)
 
 
 @dataclass
@@ -70,10 +72,12 @@ class TrainConfig:
     # --- data ----------------------------------------------------------------------------------------------------
     data_root: str = _opt("./fastmri", "Root of the preprocessed slices ({anatomy}_mvue_{crop}_{split}/...).",
                           group="data")
-    mri_metadata_dir_brain: str | None = _opt(None, "Brain metadata CSV (train split).", group="data")
-    mri_metadata_dir_knee: str | None = _opt(None, "Knee metadata CSV (train split).", group="data")
+    mri_metadata_dir_brain: str | None = _opt(None, "Brain metadata CSV (train split).", group="data",
+                                              aliases=("--metadata_csv_brain",))
+    mri_metadata_dir_knee: str | None = _opt(None, "Knee metadata CSV (train split).", group="data",
+                                             aliases=("--metadata_csv_knee",))
     resolution: int = _opt(320, "Crop size of the preprocessed slices; every image must be resolution x resolution.",
-                           group="data")
+                           group="data", aliases=("--crop_size",), unit="px")
     train_batch_size: int = _opt(4, "Batch size per device.", group="data")
     dataloader_num_workers: int = _opt(2, "Data loader worker processes.", group="data")
     prompt_cfg_prob: float = _opt(0.1, "ContextMRI classifier-free dropout: probability of an empty prompt.",
@@ -127,9 +131,10 @@ class TrainConfig:
                                       "Without it such a folder is refused.", group="run")
     validation_steps: int = _opt(0, "Reconstruct validation slices every N optimiser steps (0 = off).", group="run")
     validation_metadata_brain: str | None = _opt(None, "Brain validation CSV (default: "
-                                                 "{data_root}/metadata_brain_val.csv when validating).", group="run")
+                                                 "{data_root}/metadata_brain_val.csv when validating).", group="run",
+                                                 aliases=("--val_metadata_csv_brain",))
     validation_metadata_knee: str | None = _opt(None, "Knee validation CSV (default: {data_root}/metadata_knee_val.csv "
-                                                "when validating).", group="run")
+                                                "when validating).", group="run", aliases=("--val_metadata_csv_knee",))
     num_validation_slices: int = _opt(4, "Validation slices reconstructed each time.", group="run")
     validation_inference_steps: int = _opt(20, "DDS steps of the validation reconstructions.", group="run")
     validation_mask_type: str = _opt("uniform1d", "Mask of the validation reconstructions.", group="run")
@@ -172,7 +177,8 @@ class OODTrainConfig(TrainConfig):
 
     cardio_data_root: str | None = _opt(None, "Root of the preprocessed cardiac slices (default: --data_root).",
                                         group="ood")
-    mri_metadata_dir_cardio: str | None = _opt(None, "Cardiac metadata CSV (train split).", group="ood")
+    mri_metadata_dir_cardio: str | None = _opt(None, "Cardiac metadata CSV (train split).", group="ood",
+                                               aliases=("--metadata_csv_cardio",))
     use_ood: bool = _opt(False, "Mix the cardiac set into training (off: identical to train_mri.py).", group="ood")
     ood_ratio: float | None = _opt(None, "Fraction of cardiac samples per epoch, in (0, 1); default: the natural "
                                    "proportion (all slices of both sets once per epoch).", group="ood")
@@ -238,45 +244,22 @@ def describe_differences(stored: Mapping[str, Any], current: Mapping[str, Any], 
 # argparse built from the dataclass
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _base_type(annotation: Any) -> type:
-    """``int | None`` -> ``int``; ``bool`` -> ``bool`` (annotations are strings under ``from __future__``)."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {}, {})  # noqa: S307 - our own field annotations only
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0]
-    return annotation
-
-
 _GROUP_TITLES = {"model": "model", "data": "data", "optim": "optimisation", "run": "run / bookkeeping",
                  "ood": "out-of-distribution (cardiac)"}
 
 
 def build_parser(config_cls: type[TrainConfig] = TrainConfig,
                  description: str | None = None) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` with one ``--flag`` per field of ``config_cls``."""
-    parser = argparse.ArgumentParser(description=description or config_cls.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(config_cls):
-        group_name = f.metadata.get("group", "run")
-        if group_name not in groups:
-            groups[group_name] = parser.add_argument_group(_GROUP_TITLES.get(group_name, group_name))
-        group = groups[group_name]
-        kind = _base_type(f.type)
-        flag = f"--{f.name}"
-        help_text = f.metadata.get("help", "")
-        if kind is bool:
-            group.add_argument(flag, action="store_true", default=f.default, help=help_text)
-        else:
-            group.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text)
-    return parser
+    """An ``ArgumentParser`` with one ``--flag`` per field of ``config_cls`` (and ``--config run_config.json``)."""
+    return cli.build_parser(config_cls, description=description or config_cls.__doc__, group_titles=_GROUP_TITLES,
+                            config_help="a run's run_config.json (or any JSON of these settings): its settings, "
+                            "with the options given here overriding them")
 
 
 def parse_config(argv: list[str] | None = None, config_cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
-    """Parse a command line into a ``config_cls`` and check the values that need no file access."""
-    args = build_parser(config_cls).parse_args(argv)
-    config = config_cls(**vars(args))
+    """Parse a command line (and ``--config FILE``) into a ``config_cls`` and check the values that need no file
+    access."""
+    config = cli.parse(config_cls, argv, build_parser(config_cls))
     check_config(config)
     return config
 
