@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.preprocessing import write_stats_from_csvs
+from utils.preprocessing.stats import write_stats_from_csvs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from pre_processing_final import add_espirit_args, espirit_from_args
-from utils.preprocessing_cmrx import CardiacConfig, run_cmrx_preprocessing
+from utils.preprocessing.cmrx import CardiacConfig, run_cmrx_preprocessing
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ Example::
         --num_workers 2 --fastmri_plus_csv brain.csv
 
 Writes ``{output_root}/{anatomy}_mvue_{crop}_{train|val}/{slice,mps,scale}/...`` and
-``{output_root}/metadata_{anatomy}_{train|val}.csv`` (see ``utils/preprocessing.py``). Reruns skip finished slices.
+``{output_root}/metadata_{anatomy}_{train|val}.csv`` (see ``utils/preprocessing/``). Reruns skip finished slices.
 
 Batches: the CSV is the union of every file processed into the root; a run replaces the rows of its own files, keeps
 the others, and prints how many rows it added, replaced and kept. ``--write_stats`` (train split only; refused on a
@@ -26,14 +26,9 @@ import sys
 from pathlib import Path
 
 from utils.coils import ESPIRIT_DEFAULTS
-from utils.preprocessing import (
-    STATS_TRAIN_ONLY,
-    EspiritParams,
-    PreprocessConfig,
-    list_h5_files,
-    load_fastmri_plus,
-    run_preprocessing,
-)
+from utils.preprocessing.fastmri import PreprocessConfig, list_h5_files, load_fastmri_plus, run_preprocessing
+from utils.preprocessing.slices import EspiritParams
+from utils.preprocessing.stats import STATS_TRAIN_ONLY
 
 
 def add_espirit_args(parser: argparse.ArgumentParser) -> None:

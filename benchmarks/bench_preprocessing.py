@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.coils import center_crop, espirit_maps, mvue, normalize_percentile  # noqa: E402
 from utils.fastmri_io import FastMRIFile  # noqa: E402
-from utils.preprocessing import PreprocessConfig, coil_images, run_preprocessing  # noqa: E402
+from utils.preprocessing.fastmri import PreprocessConfig, run_preprocessing  # noqa: E402
+from utils.preprocessing.slices import coil_images  # noqa: E402
 
 
 def reference_loop(files: list[Path], out_dir: Path, crop: int) -> tuple[float, dict[tuple[str, int], np.ndarray]]:

@@ -12,7 +12,8 @@ from _synthetic import FASTMRI_CROP, generate_fastmri
 
 from utils.data import MRIBatch, MRISample, MRISliceDataset, collate_samples
 from utils.metadata import build_prompt, load_records
-from utils.preprocessing import EspiritParams, PreprocessConfig, run_preprocessing
+from utils.preprocessing.fastmri import PreprocessConfig, run_preprocessing
+from utils.preprocessing.slices import EspiritParams
 
 REAL_KNEE_PROMPT = "knee, Slice 20, PDFS, Sequence: TurboSpinEcho, TR: 3120, TE: 33, TI: 100, Flip angle: 140"
 

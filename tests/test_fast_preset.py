@@ -103,7 +103,7 @@ def test_mean_se_and_spread():
 def tiny(tmp_path_factory):
     """Val + train slices (32x32, 2 coils) and a random-weight metadata-conditioned model with its stats."""
     from tests.test_faults_recon import _make_model
-    from utils.preprocessing import write_stats_from_csvs
+    from utils.preprocessing.stats import write_stats_from_csvs
 
     root = tmp_path_factory.mktemp("fast_preset")
     torch.set_num_threads(1)

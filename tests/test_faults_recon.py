@@ -77,7 +77,7 @@ def _make_model(folder: Path, **overrides) -> Path:
 def tiny(tmp_path_factory):
     """Validation data (2 volumes x 3 slices, 32x32, 2 coils) and a tiny metadata-conditioned model (random
     weights); its stats file is found through the run's run_config.json."""
-    from utils.preprocessing import write_stats_from_csvs
+    from utils.preprocessing.stats import write_stats_from_csvs
 
     root = tmp_path_factory.mktemp("faults_recon")
     threads = torch.get_num_threads()

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Two 32x32 brain slices (one batch of 2) and a copy where slice 1 holds a NaN block."""
-    from utils.preprocessing import dataset_dir, slice_paths
+    from utils.preprocessing.layout import dataset_dir, slice_paths
 
     root = tmp_path_factory.mktemp("faults")
     good = write_tiny_dataset(root / "good", "brain", num_files=1, slices_per_file=2, crop=32)

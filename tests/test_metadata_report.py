@@ -44,7 +44,8 @@ def _contrast_image(rng: np.random.Generator, size: int, te: float) -> np.ndarra
 
 def write_te_dataset(root: Path, split: str, num_files: int, slices_per_file: int, seed: int, size: int = 16) -> Path:
     """Slices (project layout, no maps) + metadata CSV; TE drawn from 3 values, flip angle uniform in [10, 90]."""
-    from utils.preprocessing import FASTMRI_CSV_COLUMNS, dataset_dir, slice_paths, write_metadata_csv
+    from utils.preprocessing.layout import dataset_dir, slice_paths
+    from utils.preprocessing.metadata_csv import FASTMRI_CSV_COLUMNS, write_metadata_csv
 
     rng = np.random.default_rng(seed)
     ds = dataset_dir(root, "brain", size, split)

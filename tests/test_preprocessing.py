@@ -15,16 +15,15 @@ import pre_processing_final
 from utils.coils import center_crop_or_pad, espirit_maps, espirit_maps_fast
 from utils.fastmri_io import FastMRIFile
 from utils.metadata import load_metadata_stats, load_records
-from utils.preprocessing import (
-    EspiritParams,
+from utils.preprocessing.fastmri import (
     PreprocessConfig,
     contrast_from_acquisition,
     infer_anatomy,
     load_fastmri_plus,
-    process_kspace_slice,
-    read_scale,
     run_preprocessing,
 )
+from utils.preprocessing.layout import read_scale
+from utils.preprocessing.slices import EspiritParams, process_kspace_slice
 
 SMALL_ESPIRIT = EspiritParams(calib_width=16, kernel_width=5)
 

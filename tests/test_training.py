@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def assets(tmp_path_factory):
     """A tiny released checkpoint, brain/knee/cardiac train sets, a brain val set and stats files."""
     from models.testing import make_fake_released_checkpoint
-    from utils.preprocessing import write_stats_from_csvs
+    from utils.preprocessing.stats import write_stats_from_csvs
 
     root = tmp_path_factory.mktemp("mri")
     csv = {

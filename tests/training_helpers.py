@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.preprocessing import CARDIAC_CSV_COLUMNS, FASTMRI_CSV_COLUMNS, dataset_dir, slice_paths, write_metadata_csv
+from utils.preprocessing.layout import dataset_dir, slice_paths
+from utils.preprocessing.metadata_csv import CARDIAC_CSV_COLUMNS, FASTMRI_CSV_COLUMNS, write_metadata_csv
 
 _CONTRASTS = {"brain": ["T1", "T2", "FLAIR"], "knee": ["PD", "PDFS"], "cardiac": ["cine"]}
 

@@ -173,7 +173,7 @@ def volume_records(vol: RawVolume, overrides: Mapping[tuple[str, int], Mapping[s
     replace or add values per (file, slice).
     """
     from utils.metadata import record_from_row
-    from utils.preprocessing import contrast_from_acquisition, infer_anatomy
+    from utils.preprocessing.fastmri import contrast_from_acquisition, infer_anatomy
 
     meta = header_metadata(vol.header, num_coils=vol.num_coils)
     records = []

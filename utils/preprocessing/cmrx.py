@@ -1,7 +1,7 @@
 """Preprocessing of CMRxRecon (cardiac cine and mapping) ``.mat`` files into the ContextMRI layout.
 
 It shares the per-slice pipeline (ESPIRiT, MVUE, crop/pad, percentile normalisation), the atomic writers and the
-process pool with the fastMRI pipeline in :mod:`utils.preprocessing`; what it adds is reading the MATLAB v7.3 files of
+process pool with the fastMRI pipeline in :mod:`utils.preprocessing.fastmri`; what it adds is reading the MATLAB v7.3 files of
 both challenge layouts, choosing fully sampled k-space (or a SENSE reconstruction from undersampled data + ACS when no
 fully sampled data exists), and the cardiac metadata rows.
 """
@@ -19,20 +19,11 @@ from typing import Any
 import numpy as np
 
 from utils.coils import center_crop_or_pad, normalize_percentile
-from utils.preprocessing import (
-    CARDIAC_CSV_COLUMNS,
-    EspiritParams,
-    FileReport,
-    RunSummary,
-    SliceOutput,
-    check_kspace,
-    finish_run,
-    dataset_dir,
-    kspace_problem,
-    process_kspace_slice,
-    run_in_pool,
-    write_slices,
-)
+from utils.preprocessing.layout import dataset_dir, write_slices
+from utils.preprocessing.metadata_csv import CARDIAC_CSV_COLUMNS
+from utils.preprocessing.slices import EspiritParams, SliceOutput, check_kspace, kspace_problem, process_kspace_slice
+from utils.preprocessing.summary import FileReport, RunSummary, finish_run
+from utils.preprocessing.workers import run_in_pool
 
 
 @dataclass
