@@ -18,7 +18,6 @@ from utils.samplers import (
     PRESETS,
     DiffusionSchedule,
     SamplerStats,
-    _randn_images,
     dc_sample,
     dds_sample,
     dpmpp2m_sample,
@@ -28,6 +27,7 @@ from utils.samplers import (
     make_generators,
     make_timesteps,
 )
+from utils.samplers.core import randn_images
 
 SCHEDULE = DiffusionSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000))
 ACP = SCHEDULE.alphas_cumprod
@@ -180,9 +180,9 @@ def test_dds_without_data_consistency_is_diffusers_ddim(eta):
     gens = make_generators([3, 4])
     ddim = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
     ddim.set_timesteps(n)
-    sample = complex_to_channels(_randn_images(gens, (16, 16), torch.complex64, torch.device("cpu")))
+    sample = complex_to_channels(randn_images(gens, (16, 16), torch.complex64, torch.device("cpu")))
     for i, t in enumerate(ddim.timesteps):
-        noise = complex_to_channels(_randn_images(gens, (16, 16), torch.complex64, torch.device("cpu")))
+        noise = complex_to_channels(randn_images(gens, (16, 16), torch.complex64, torch.device("cpu")))
         if i + 1 == n:
             noise = torch.zeros_like(noise)  # the last step draws none (σ = 0 when ᾱ_prev = 1)
         eps = eps_fn(sample, t.repeat(2))
@@ -264,7 +264,7 @@ def test_dpmpp2m_without_data_consistency_is_diffusers_dpmsolver_multistep(spaci
     op, y, _ = _problem(b=2)
     eps_fn = _smooth_eps_fn(7)
     n = 8
-    x_T = _randn_images(make_generators([3, 4]), (16, 16), torch.complex64, torch.device("cpu"))
+    x_T = randn_images(make_generators([3, 4]), (16, 16), torch.complex64, torch.device("cpu"))
     if spacing == "leading":
         ts = make_timesteps(1000, n).tolist()
     else:  # diffusers' own default ("linspace" over [0, 999], first point dropped)

@@ -1,0 +1,37 @@
+"""The data-consistent (DC) samplers by name, their named presets, and a dispatcher."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from utils.samplers.core import EpsFn
+from utils.samplers.dds import dds_sample
+from utils.samplers.dpm_solver import dpmpp2m_sample
+from utils.samplers.schedule import DiffusionSchedule
+
+# Samplers that share DDS's data-consistency step and settings (num_steps, eta, gamma, cg_iter, clip_x0), by name.
+DC_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"dds": dds_sample, "dpmpp2m": dpmpp2m_sample}
+
+# Named settings for the DC samplers. "fast" is what benchmarks/bench_nfe_quality.py measured as the cheapest setting
+# within 0.2 dB (paired mean PSNR) of 100-step DDS at <= 25 network evaluations (or, if none got there, the best such
+# setting); tests/test_fast_preset.py checks it against the committed benchmarks/results/nfe_quality.json.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"sampler": "dds", "num_steps": 25, "eta": 1.0, "gamma": 50.0, "cg_iter": 5},
+}
+
+
+def dc_sample(sampler: str, eps_fn: EpsFn, op: Any, y: torch.Tensor,
+              alphas_cumprod: torch.Tensor | DiffusionSchedule, **settings: Any) -> torch.Tensor:
+    """Run the DC sampler named ``sampler`` (a key of :data:`DC_SAMPLERS`) with keyword ``settings``.
+
+    Raises:
+        ValueError: an unknown sampler name.
+    """
+    if sampler not in DC_SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(DC_SAMPLERS)}")
+    return DC_SAMPLERS[sampler](eps_fn, op, y, alphas_cumprod, **settings)
+
+
