@@ -6,8 +6,11 @@ Simulates a small brain set (fastMRI h5, split by subject) and a small cardiac s
 with the real scripts, trains an unconditioned, a text-conditioned (ContextMRI-style, random frozen CLIP tower) and a
 fine-grained metadata model at equal budget, measures how much each conditioned model reads its condition
 (metadata_report.py), reconstructs held-out slices at 4x and 8x (and 8x with noisy measurements) with the same masks
-for every method, and prints the results table with an information line per model, a metadata-sensitivity check, a
-paired per-slice comparison and an uncertainty-calibration check. Interrupted runs resume.
+for every method, reconstructs the held-out volumes once more from their raw, noisy k-space (recon_complex_multi.py
+--raw_dir: ACS-only coil maps, measured scale and noise, scored against reconstruction_rss) beside the re-simulated
+path on the same slices (how much the inverse crime flatters the numbers), and prints the results table with an
+information line per model, a metadata-sensitivity check, a paired per-slice comparison and an uncertainty-calibration
+check. Interrupted runs resume.
 
     python demo.py --output_dir demo_output
     python demo.py --output_dir /tmp/quick --quick      # a 3-minute smoke run (numbers meaningless)
@@ -43,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig | StudyConfig:
                         "with the UNet, or trained from scratch at --text_encoder_lr")
     p.add_argument("--text_encoder_lr", type=float, default=d.text_encoder_lr)
     p.add_argument("--no_noise", action="store_true", help="leave out the noisy-measurement rows")
+    p.add_argument("--raw_accelerations", type=float, nargs="*", default=list(d.raw_accelerations),
+                   help="rates of the raw-k-space rows (held-out volumes through recon_complex_multi.py --raw_dir, "
+                        "beside the re-simulated path on the same slices); none: no raw rows")
+    p.add_argument("--raw_center_fraction", type=float, default=d.raw_center_fraction,
+                   help="centre fraction of the raw-vs-re-simulated rows (their ACS lines give the coil maps)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the claim")
     p.add_argument("--study", action="store_true",
                    help="the powered study instead of the demo (utils/study.py): 5 models x --seeds, noisy 8x with a "
@@ -56,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig | StudyConfig:
                      text_encoder_lr=a.text_encoder_lr)
     if a.no_noise:
         cfg.noise_sigma = None
+    if any(r <= 1 for r in a.raw_accelerations) or not 0 < a.raw_center_fraction < 1:
+        p.error("--raw_accelerations must be > 1 and --raw_center_fraction in (0, 1)")
+    cfg.raw_accelerations, cfg.raw_center_fraction = tuple(a.raw_accelerations), a.raw_center_fraction
     if a.with_ood:
         cfg.methods = (*cfg.methods, "fine-grained+ood")
     if a.quick:
