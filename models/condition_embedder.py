@@ -29,7 +29,6 @@ order) and a pooled vector ``[B, D]`` (mean of the ``K`` key tokens).
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -41,7 +40,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from utils.metadata import is_missing, parse_pathology_cell
+from utils.metadata import is_missing, load_metadata_stats, parse_pathology_cell
 
 #: Keys embedded after ``log1p`` by default: TR spans two decades (~40 to ~16000 ms), TE ~1.4 to ~130 ms and TI
 #: 100 to 2500 ms, so on a linear scale short-TE/short-TR sequences would be squashed into a sliver of ``[0, 1]``.
@@ -96,14 +95,6 @@ def sinusoidal_features(
     amps = (freqs / freqs.min()) ** (-amplitude_exponent)
     angles = u[:, None] * freqs[None, :]
     return torch.cat([amps * torch.sin(angles), amps * torch.cos(angles), u[:, None]], dim=1)
-
-
-def load_stats(stats: Mapping[str, Any] | str | Path) -> dict[str, Any]:
-    """Return a stats dict from a dict or a ``metadata_stats.json`` path."""
-    if isinstance(stats, (str, Path)):
-        with open(stats, encoding="utf-8") as f:
-            return json.load(f)
-    return dict(stats)
 
 
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -247,7 +238,7 @@ class MetadataConditionEmbedder(ModelMixin, ConfigMixin):
                 otherwise the stats file / ``include_keys`` order.
             **kwargs: forwarded to the constructor (``hidden_dim``, ``log_keys``, ``cfg_prob``, ...).
         """
-        stats = load_stats(stats)
+        stats = load_metadata_stats(stats)  # validated: every value a list or finite {min <= max}
         keys = list(include_keys) if include_keys is not None else list(stats)
         missing = [k for k in keys if k not in stats]
         if missing:
@@ -262,10 +253,8 @@ class MetadataConditionEmbedder(ModelMixin, ConfigMixin):
             entry = stats[key]
             if isinstance(entry, list):
                 (multi_label if key in multi_label_keys else categorical)[key] = list(entry)
-            elif isinstance(entry, Mapping) and "min" in entry and "max" in entry:
-                numerical[key] = [float(entry["min"]), float(entry["max"])]
             else:
-                raise ValueError(f"stats[{key!r}] is neither a list nor a {{min, max}} dict: {entry!r}")
+                numerical[key] = [float(entry["min"]), float(entry["max"])]
         return cls(
             key_order=keys,
             categorical=categorical,

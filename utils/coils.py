@@ -64,10 +64,6 @@ def espirit_maps(
     return np.asarray(maps, dtype=np.complex64)
 
 
-def _coil_dim(x: Array) -> int:
-    return -3
-
-
 def mvue(coil_images: Array, maps: Array, eps: float = 1e-12) -> Array:
     """Minimum-variance unbiased (SENSE-1) combination ``Σ_c conj(S_c) x_c / Σ_c |S_c|²``.
 

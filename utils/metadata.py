@@ -389,18 +389,33 @@ def _check_stats(stats: Any, where: str) -> None:
                                  "make_metadata_stats.py")
 
 
-def load_metadata_stats(path: str | Path) -> dict[str, Any]:
-    """Read and validate a ``metadata_stats.json``: every value is a list or a ``{"min", "max"}`` mapping with finite
-    bounds ``min <= max`` (an ``inf`` bound would turn every normalised value into NaN from the first step)."""
-    path = Path(path)
+def load_metadata_stats(stats: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    """Read (from a ``metadata_stats.json`` path) or take (a dict) and validate metadata stats.
+
+    Every value must be a list or a ``{"min", "max"}`` mapping with finite bounds ``min <= max`` (an ``inf`` bound
+    would turn every normalised value into NaN from the first step). The one loader of the project: the embedder
+    (:meth:`models.condition_embedder.MetadataConditionEmbedder.from_stats`) reads its stats through it too.
+
+    Returns:
+        a new dict (a dict given is copied, not modified).
+
+    Raises:
+        FileNotFoundError: the path is not a file.
+        ValueError: not valid JSON, or a value of the wrong shape.
+    """
+    if isinstance(stats, Mapping):
+        out = dict(stats)
+        _check_stats(out, "metadata stats")
+        return out
+    path = Path(stats)
     if not path.is_file():
         raise FileNotFoundError(f"metadata stats file not found: {path}")
     try:
-        stats = json.loads(path.read_text())
+        out = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
-    _check_stats(stats, str(path))
-    return stats
+    _check_stats(out, str(path))
+    return out
 
 
 #: A typical fastMRI brain protocol per contrast (the most frequent tuple of the real validation metadata).

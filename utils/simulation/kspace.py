@@ -15,6 +15,7 @@ import sigpy.mri
 import torch
 import torch.nn.functional as F
 
+from utils.coils import center_crop, rss
 from utils.fft import fft2c, ifft2c
 
 
@@ -175,14 +176,7 @@ def rss_from_kspace(kspace: np.ndarray, crop: tuple[int, int] | None = None) -> 
         float32 ``[..., h, w]``.
     """
     img = centered_fft2(torch.from_numpy(np.ascontiguousarray(kspace, dtype=np.complex64)), inverse=True)
-    rss = torch.sqrt((img.abs() ** 2).sum(-3)).numpy()
+    magnitude = rss(img).numpy()
     if crop is not None:
-        rss = center_crop(rss, crop)
-    return rss.astype(np.float32)
-
-
-def center_crop(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Centre crop of the last two dims, start ``(H - h) // 2`` (the fastMRI convention)."""
-    h, w = shape
-    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-    return x[..., top : top + h, left : left + w]
+        magnitude = center_crop(magnitude, crop)
+    return magnitude.astype(np.float32)
