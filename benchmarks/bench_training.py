@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from tests.training_helpers import write_tiny_dataset
     from utils.preprocessing.stats import write_stats_from_csvs
-    from utils.training.data import build_training_data, make_dataloader
+    from utils.training.data_loading import build_training_data, make_dataloader
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:

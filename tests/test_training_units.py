@@ -17,7 +17,7 @@ from utils.training.checkpointing import (
 from utils.training.config import ConfigError, OODTrainConfig, TrainConfig, build_parser, parse_config
 from utils.training.diffusion import add_noise, sample_timesteps, step_generator
 from utils.training.ema import EMA
-from utils.training.sampling import MixtureSampler, TaggedConcatDataset, mixture_sources
+from utils.training.data_order import MixtureSampler, TaggedConcatDataset, mixture_sources
 
 BASE = ["--unet_config", "tiny", "--mri_metadata_dir_brain", "b.csv", "--text_encoder_type", "none",
         "--enable_condition_emb", "--metadata_stats", "s.json"]

@@ -281,7 +281,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def check_config(config: TrainConfig) -> None:
-    """Validate the values of a config (not the files they name: see ``utils.training.data.build_training_data``).
+    """Validate the values of a config (the files they name: ``utils.training.data_loading.build_training_data``).
 
     Raises:
         ConfigError: with a message that names the offending flag.

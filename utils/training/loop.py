@@ -47,7 +47,7 @@ from utils.training.checkpointing import (
     write_checkpoint_config,
 )
 from utils.training.config import ConfigError, NonFiniteLossError, OODTrainConfig, TrainConfig
-from utils.training.data import TrainBatch, build_training_data, make_dataloader, updates_per_epoch
+from utils.training.data_loading import TrainBatch, build_training_data, make_dataloader, updates_per_epoch
 from utils.training.diffusion import PREDICTION_TYPES, add_noise, prediction_target, sample_timesteps, step_generator
 from utils.training.ema import EMA
 from utils.training.export import save_inference_snapshot

@@ -19,7 +19,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from utils.metadata import MULTI_LABEL_COLUMNS, is_missing, load_metadata_csv, parse_pathology
 from utils.training.config import ConfigError, OODTrainConfig, TrainConfig
-from utils.training.sampling import MixtureSampler, TaggedConcatDataset, mixture_sources
+from utils.training.data_order import MixtureSampler, TaggedConcatDataset, mixture_sources
 
 logger = logging.getLogger(__name__)
 
