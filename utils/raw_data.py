@@ -45,8 +45,11 @@ def list_raw_files(raw_dir: str | Path) -> list[Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"--raw_dir not found: {path}")
     files = sorted(p for p in path.iterdir() if p.suffix == ".h5" and p.is_file())
+    from utils.raw_cmrx import list_cmrx_files  # CMRxRecon .mat files, searched recursively (their layout is a tree)
+
+    files += list_cmrx_files(path)
     if not files:
-        raise FileNotFoundError(f"no .h5 files in {path}")
+        raise FileNotFoundError(f"no .h5 files (or CMRxRecon .mat files) in {path}")
     return files
 
 
@@ -116,6 +119,28 @@ class RawVolume:
         with h5py.File(self.path, "r") as f:
             return np.asarray(f["reconstruction_rss"][()], dtype=np.float32)
 
+    # Per-format hooks of utils.raw_reconstruction (CMRxRecon volumes override them: utils.raw_cmrx.CMRxRawVolume).
+    def measurement(self, idx: int, kspace: np.ndarray, mask_type: str | None = None, acc_factor: float | None = None,
+                    center_fraction: float | None = None) -> "Measurement":
+        """:func:`slice_measurement` of slice ``idx``."""
+        return slice_measurement(self, idx, kspace, mask_type, acc_factor, center_fraction)
+
+    def noise_sigma(self, m: "Measurement") -> float:
+        """:func:`estimate_noise_sigma` of a measurement."""
+        return estimate_noise_sigma(m.y, m.mask)
+
+    def check_flags(self, mask_type: str | None, acc_factor: float | None) -> None:
+        """:func:`check_test_flags`."""
+        check_test_flags(self, mask_type, acc_factor)
+
+    def extra_scores(self, magnitude: np.ndarray) -> dict[str, Any]:
+        """Format-specific scores of the assembled volume (none for fastMRI)."""
+        return {}
+
+    def write_extra_outputs(self, out: Path, magnitude: np.ndarray, complex_recon: np.ndarray | None = None,
+                            std: np.ndarray | None = None) -> None:
+        """Format-specific files besides ``reconstructions/{stem}.h5`` (none for fastMRI)."""
+
 
 def open_raw_volume(
     path: str | Path, overrides: Mapping[tuple[str, int], Mapping[str, Any]] | None = None
@@ -130,6 +155,10 @@ def open_raw_volume(
         OSError / ValueError: not a readable fastMRI multi-coil file, or a ``mask`` that does not match the k-space.
     """
     path = Path(path)
+    if path.suffix.lower() == ".mat":  # CMRxRecon (MATLAB v7.3)
+        from utils.raw_cmrx import open_cmrx_volume
+
+        return open_cmrx_volume(path, overrides)
     with FastMRIFile.open(path) as f:
         h, w = f.shape
         header, attrs = f.header, dict(f.attrs)

@@ -195,7 +195,7 @@ def validate_volumes(
     acc = settings.acc_factor if test_acc_factor is ... else test_acc_factor
     for v in volumes:
         if v.kind == "test":
-            check_test_flags(v, mt, acc)
+            v.check_flags(mt, acc)  # per format (fastMRI: check_test_flags)
         elif settings.mask_type is None or settings.acc_factor is None:
             raise ValueError(f"{v.path.name} holds full k-space: give --mask_type and --acc_factor for its "
                              "retrospective undersampling")  # fmt: skip
@@ -305,10 +305,10 @@ def _reconstruct_slices(vol: RawVolume, idxs: list[int], s: RawReconSettings, ou
     meas, sigmas, zfs, fulls_k = [], [], [], []
     for idx in idxs:
         k = vol.read_kspace(idx)
-        m = slice_measurement(vol, idx, k, s.mask_type, s.acc_factor, s.center_fraction)
+        m = vol.measurement(idx, k, s.mask_type, s.acc_factor, s.center_fraction)  # per format
         meas.append(m)
         fulls_k.append(k if s.scale_rule == "oracle" else None)
-        sigmas.append(estimate_noise_sigma(m.y, m.mask))
+        sigmas.append(vol.noise_sigma(m))  # per format
         zfs.append(zero_filled_rss(m.y, vol.recon_shape))
     results: list[dict[str, np.ndarray]] = []
     extra: list[dict[str, Any]] = [{} for _ in idxs]
@@ -460,6 +460,7 @@ def summarize_raw(out: str | Path, volumes: Sequence[RawVolume]) -> dict[str, An
         cplx = np.stack([a["complex"] for a in arrays])
         std = np.stack([a["std"] for a in arrays]) if all("std" in a for a in arrays) else None
         write_submission_h5(out / "reconstructions" / f"{v.stem}.h5", mag, cplx, std)
+        v.write_extra_outputs(out, mag, cplx, std)  # e.g. CMRxRecon's submission .mat (utils.raw_cmrx)
         row: dict[str, Any] = {
             "filename": v.stem, "kind": v.kind, "num_slices": v.num_slices,
             "failed_slices": sum(r.get("status") != "ok" for r in rows),
@@ -470,11 +471,13 @@ def summarize_raw(out: str | Path, volumes: Sequence[RawVolume]) -> dict[str, An
         if target is not None and row["failed_slices"] == 0:
             m = evaluate_volume(target, mag, protocol="fastmri")
             row.update({f"fastmri_{k}": m[k] for k in ("psnr", "ssim", "nmse")})
+            row.update(v.extra_scores(mag))  # e.g. CMRxRecon's ranking region (cmrx_psnr, ...)
         volume_rows.append(row)
     summary: dict[str, Any] = {"num_volumes": len(volume_rows), "num_slices": len(slice_rows)}
     if (out / "settings.json").is_file():
         summary["settings"] = json.loads((out / "settings.json").read_text())
-    for key in ("fastmri_psnr", "fastmri_ssim", "fastmri_nmse"):
+    cmrx_keys = [k for k in ("cmrx_psnr", "cmrx_ssim", "cmrx_nmse") if any(k in r for r in volume_rows)]
+    for key in ("fastmri_psnr", "fastmri_ssim", "fastmri_nmse", *cmrx_keys):  # cmrx_*: only CMRxRecon runs have them
         vals = [r[key] for r in volume_rows if r.get(key) is not None and math.isfinite(r[key])]
         summary[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)} if vals else None
     for key in ("acceleration", "sigma", "time_s", "nfe", "scale", "gamma"):
