@@ -70,7 +70,7 @@ def _unet_file(out: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------- one run per output folder
 def test_other_run_refused_naming_the_field_then_overwrite_replaces_it(data, tmp_path, one_thread, capsys):
-    from utils.training.run_folder import verify_export
+    from models.loading import verify_export
 
     out = tmp_path / "run"
     assert _main(_args(data, out)) == 0
@@ -125,8 +125,8 @@ class _Killed(Exception):
 
 def test_export_killed_between_files_is_not_a_model(data, tmp_path, one_thread, monkeypatch):
     import utils.training.export as export
-    from utils.training.export import load_trained_model
-    from utils.training.run_folder import IncompleteExportError, seal_legacy_export
+    from models.loading import IncompleteExportError, load_trained_model
+    from utils.training.run_folder import seal_legacy_export
 
     out = tmp_path / "run"
     real_move = export._move_into_place
@@ -155,8 +155,8 @@ def test_export_killed_between_files_is_not_a_model(data, tmp_path, one_thread, 
 def test_folder_without_record_is_refused_and_a_legacy_export_can_be_sealed(data, tmp_path, one_thread):
     import shutil
 
-    from utils.training.export import load_trained_model
-    from utils.training.run_folder import IncompleteExportError, main as run_folder_main
+    from models.loading import IncompleteExportError, load_trained_model
+    from utils.training.run_folder import main as run_folder_main
 
     out = tmp_path / "run"
     assert _main(_args(data, out)) == 0
@@ -185,8 +185,7 @@ def _flip_after_header(path: Path, pattern: bytes = b"\xff" * 8) -> None:
 
 
 def test_flipped_bytes_in_exported_weights_give_one_clear_error(data, tmp_path, one_thread):
-    from utils.training.export import load_trained_model
-    from utils.training.run_folder import CorruptExportError
+    from models.loading import CorruptExportError, load_trained_model
 
     out = tmp_path / "run"
     assert _main(_args(data, out)) == 0

@@ -113,7 +113,7 @@ def test_project_loader_reads_adapters_saved_the_old_way(tmp_path):
 def test_exported_lora_is_recorded_and_loads_with_peft(tmp_path):
     from utils.training.config import TrainConfig
     from utils.training.export import save_inference_snapshot
-    from utils.training.run_folder import CorruptExportError, verify_export
+    from models.loading import CorruptExportError, verify_export
 
     trained = _trained(4, 4.0)
     model = SimpleNamespace(unet=trained, conditioner=SimpleNamespace(metadata=None, text=None))

@@ -95,7 +95,7 @@ def test_train_mri_script_writes_checkpoints_and_loadable_model(assets, tmp_path
     assert "validation (fastMRI protocol" in proc.stdout + proc.stderr
 
     from utils.samplers import make_cfg_eps_fn
-    from utils.training.export import load_trained_model
+    from models.loading import load_trained_model
 
     model = load_trained_model(out)
     assert model.conditioner.metadata is not None and model.conditioner.text is not None
@@ -156,7 +156,7 @@ def test_fixed_batch_overfit_loss_falls(assets, tmp_path, one_thread):
 # ---------------------------------------------------------------------------------------------------------------- LoRA
 def test_lora_trains_only_adapters_and_embedder(assets, tmp_path, one_thread):
     from models.unet import load_released_checkpoint
-    from utils.training.export import load_trained_model
+    from models.loading import load_trained_model
 
     out = tmp_path / "lora"
     _train(_base_args(assets, out, "--use_lora", "--lora_rank", "2", "--enable_condition_emb", "--metadata_stats",
@@ -262,7 +262,7 @@ def test_two_process_cpu_ddp_smoke(assets, tmp_path):
 # ------------------------------------------------------------------------------------------- export/load round trip
 def test_t5_run_exports_what_load_trained_model_restores(assets, tmp_path, one_thread):
     from models.testing import write_tiny_t5_folder
-    from utils.training.export import load_trained_model
+    from models.loading import load_trained_model
 
     t5 = write_tiny_t5_folder(tmp_path / "t5", d_model=48)  # width 48 != UNet's 32: a trained projection
     out = tmp_path / "t5run"
@@ -285,7 +285,7 @@ def test_unconditional_and_scratch_text_encoder_runs_export_and_reload(assets, t
     """The unconditioned baseline (one constant token) and a text baseline whose CLIP encoder trains from scratch:
     the encoder's weights change, are exported with the model, and the reloaded model reproduces the tokens."""
     from models.testing import tiny_clip_text_model, write_tiny_clip_tokenizer
-    from utils.training.export import load_trained_model
+    from models.loading import load_trained_model
 
     scratch = tmp_path / "scratch_text"
     write_tiny_clip_tokenizer(scratch / "tokenizer")
@@ -321,7 +321,7 @@ def test_text_encoder_lr_gives_the_encoder_its_own_rate(assets, tmp_path, one_th
     """--text_encoder_lr: one AdamW step moves each weight by about its group's rate (Adam normalises the step), so
     the encoder's weights move by ~1e-1 while the UNet's move by ~1e-4; without the flag both move by ~1e-4."""
     from models.testing import tiny_clip_text_model, write_tiny_clip_tokenizer
-    from utils.training.export import load_trained_model
+    from models.loading import load_trained_model
 
     scratch = tmp_path / "scratch_text"
     write_tiny_clip_tokenizer(scratch / "tokenizer")

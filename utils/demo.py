@@ -273,7 +273,7 @@ def metadata_report(cfg: DemoConfig, method: str, model: Path, report_dir: Path)
     ``source.json`` beside it records both, so a retrained model or a changed setting reruns the report.
     """
     from utils.files import write_json
-    from utils.training.run_folder import export_fingerprint
+    from models.loading import export_fingerprint
 
     root = cfg.output_dir / "fastmri"
     args = ["metadata_report.py", "--finetune_folder", model, "--data_root", root, "--load_dir_meta_brain",

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from models.loading import DEFAULT_MODEL_TYPE, DEFAULT_TEXT_ENCODER, EXPORT_ITEMS, RUN_CONFIG_NAME
 from utils.samplers import DiffusionSchedule, SamplerStats, dds_sample, dps_sample, make_cfg_eps_fn
 
 
@@ -175,7 +176,7 @@ def load_reconstruction_model(
         ValueError: ``--enable_condition_emb`` without an embedder in the folder, or a stats file that does not match.
     """
     if finetune_folder is not None:
-        from utils.training import load_trained_model
+        from models.loading import load_trained_model
 
         trained = load_trained_model(finetune_folder, base=pretrained_model_name_or_path,
                                      model_type=pretrained_model_type, device=device)
@@ -210,10 +211,8 @@ def load_reconstruction_model(
 # what a reconstruction will load, resolved and identified without loading it (cheap: JSON files and hashes)
 # ----------------------------------------------------------------------------------------------------------------------
 
-DEFAULT_MODEL_TYPE = "fastmri"
-# What a training output folder holds for inference (utils/training/export.py); checkpoints and logs are not part.
-FINETUNE_ENTRIES = ("unet", "lora", "condition_embedder", "text_encoder", "tokenizer", "scheduler",
-                    "text_projection.safetensors", "run_config.json")
+# What a training output folder holds for inference (models/loading.py); checkpoints and logs are not part.
+FINETUNE_ENTRIES = (*EXPORT_ITEMS, RUN_CONFIG_NAME)
 
 
 @dataclass
@@ -326,7 +325,7 @@ def resolve_model_plan(
             raise ValueError(f"{folder} holds a LoRA adapter: pass --pretrained_model_name_or_path (its base)")
         if not (Path(base) / model_type / "config.json").is_file():
             raise ValueError(f"the LoRA base UNet {Path(base) / model_type} is missing (--pretrained_model_name_or_path)")
-    text_type = cfg.get("text_encoder_type") or "clip"
+    text_type = cfg.get("text_encoder_type") or DEFAULT_TEXT_ENCODER
     text_source = None
     if text_type != "none" and not (folder / "text_encoder" / "config.json").is_file():
         text_source = cfg.get("text_encoder_path") or base

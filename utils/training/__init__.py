@@ -1,5 +1,6 @@
 """Training plumbing shared by ``train_mri.py`` and ``train_mri_ood.py``: typed config + command line, data order,
-DDPM objective, EMA, checkpoints, validation, the accelerate loop, and the inference snapshot and its loader."""
+DDPM objective, EMA, checkpoints, validation, the accelerate loop, and the inference snapshot (read back by
+:func:`models.loading.load_trained_model`, outside this package, so inference never imports training)."""
 
 from utils.training.config import ConfigError, OODTrainConfig, TrainConfig, build_parser, check_config, parse_config
 
@@ -9,7 +10,6 @@ __all__ = [
     "TrainConfig",
     "build_parser",
     "check_config",
-    "load_trained_model",
     "main",
     "parse_config",
     "train",
@@ -21,13 +21,6 @@ def train(config, step_callback=None):
     from utils.training.loop import train as _train
 
     return _train(config, step_callback=step_callback)
-
-
-def load_trained_model(finetune_folder, base=None, **kwargs):
-    """Load a training run's output folder (see :func:`utils.training.export.load_trained_model`)."""
-    from utils.training.export import load_trained_model as _load
-
-    return _load(finetune_folder, base=base, **kwargs)
 
 
 def main(config_cls=TrainConfig, argv=None) -> int:

@@ -21,14 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from models.loading import CHECKPOINT_PREFIX, RUN_CONFIG_NAME
 from utils.files import sha256_file, write_json
 from utils.training.config import ConfigError, describe_differences, run_identity_differences
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
-RUN_CONFIG_NAME = "run_config.json"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 

@@ -1,10 +1,7 @@
-"""One output folder, one run: the identity check at start, ``--overwrite_output_dir``, and the export's completion
-record (the sha256 of every exported file) with its verification at load.
+"""One output folder, one run: the identity check at start, ``--overwrite_output_dir``, and sealing an export made
+before completion records existed. The record itself and its verification at load are in :mod:`models.loading`.
 
-Kept free of torch/diffusers imports so that the reconstruction side can verify (and fingerprint) a model folder
-cheaply before loading anything.
-
-Layout facts this module relies on (see ``utils.training.export`` for the model files themselves):
+Layout facts this module relies on:
 
 * ``checkpoint-{step}/run_config.json`` is the config of the run that wrote the checkpoint;
 * ``{output_dir}/run_config.json`` is written only by the final export (with the model files);
@@ -14,7 +11,6 @@ Layout facts this module relies on (see ``utils.training.export`` for the model 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Mapping
@@ -22,28 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.files import sha256_file, sha256_json, write_json
-from utils.training.checkpointing import RUN_CONFIG_NAME, list_checkpoints, read_checkpoint_config
+from models.loading import (
+    EXPORT_ITEMS,
+    EXPORT_RECORD_NAME,
+    EXPORT_TMP_NAME,
+    RECORD_FORMAT,
+    RUN_CONFIG_NAME,
+    read_json_object,
+)
+from utils.files import sha256_file, write_json
+from utils.training.checkpointing import list_checkpoints, read_checkpoint_config
 from utils.training.config import ConfigError, describe_differences, run_identity_differences
 
 logger = logging.getLogger(__name__)
-
-EXPORT_RECORD_NAME = "weights.sha256.json"
-EXPORT_TMP_NAME = ".export.tmp"
-TEXT_PROJECTION_NAME = "text_projection.safetensors"
-#: What a final export may put into the output folder (``run_config.json`` and the record excluded).
-EXPORT_ITEMS: tuple[str, ...] = ("unet", "lora", "condition_embedder", TEXT_PROJECTION_NAME, "text_encoder",
-                                 "tokenizer", "scheduler")
-RECORD_FORMAT = 1
-
-
-class IncompleteExportError(FileNotFoundError):
-    """The folder holds no finished export (training unfinished or killed, possibly during the export)."""
-
-
-class CorruptExportError(ValueError):
-    """An exported file no longer has the sha256 recorded when it was written."""
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the identity check at the start of a run
@@ -70,14 +57,6 @@ class FolderRun:
         return not (self.checkpoints or self.export_items or self.configs)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def inspect_output_dir(output_dir: str | Path) -> FolderRun:
     """List the run artefacts in ``output_dir`` (other files are not a run and are left alone)."""
     root = Path(output_dir)
@@ -85,7 +64,7 @@ def inspect_output_dir(output_dir: str | Path) -> FolderRun:
     if not root.is_dir():
         return found
     top = root / RUN_CONFIG_NAME
-    top_config = _read_json(top) if top.is_file() else None
+    top_config = read_json_object(top) if top.is_file() else None
     if top.is_file() and top_config is None:
         found.unknown.append(f"{top} (unreadable)")
     if top_config is not None:
@@ -159,68 +138,8 @@ def clear_run(output_dir: str | Path, logging_dir: str = "logs") -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the completion record of an export
+# sealing an export made before completion records existed
 # ---------------------------------------------------------------------------------------------------------------------
-
-def hash_export_files(folder: str | Path) -> dict[str, str]:
-    """sha256 of every file of an export staged in ``folder`` (relative POSIX path -> hex digest)."""
-    folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): sha256_file(p)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != EXPORT_RECORD_NAME}
-
-
-def read_export_record(folder: str | Path) -> dict[str, Any]:
-    """The completion record of a finished export.
-
-    Raises:
-        IncompleteExportError: no record (with what the folder does hold and how to finish it).
-    """
-    folder = Path(folder)
-    record = _read_json(folder / EXPORT_RECORD_NAME)
-    if record is not None and isinstance(record.get("files"), dict):
-        return record
-    partial = [name for name in (*EXPORT_ITEMS, RUN_CONFIG_NAME) if (folder / name).exists()]
-    if (folder / EXPORT_RECORD_NAME).exists():
-        reason = f"{EXPORT_RECORD_NAME} is unreadable"
-    elif partial:
-        reason = (f"incomplete export ({', '.join(partial)} present, no {EXPORT_RECORD_NAME}): training was "
-                  "interrupted during export")
-    elif list_checkpoints(folder):
-        reason = "no exported model yet (only checkpoints): training was interrupted or is still running"
-    else:
-        raise IncompleteExportError(f"{folder} is not a training output folder (no {RUN_CONFIG_NAME})")
-    raise IncompleteExportError(f"{folder}: {reason}; rerun the training with --resume_from_checkpoint latest")
-
-
-def verify_export(folder: str | Path) -> dict[str, Any]:
-    """Check every exported file against the completion record; returns the record.
-
-    Raises:
-        IncompleteExportError: see :func:`read_export_record`.
-        CorruptExportError: one message naming every file that is missing or whose bytes changed.
-    """
-    folder = Path(folder)
-    record = read_export_record(folder)
-    bad = []
-    for rel, digest in sorted(record["files"].items()):
-        path = folder / rel
-        if not path.is_file():
-            bad.append(f"{path} is missing")
-        elif sha256_file(path) != digest:
-            bad.append(f"{path} does not match the sha256 recorded at export (corrupted or modified)")
-    if bad:
-        raise CorruptExportError("trained model damaged: " + "; ".join(bad) + " - retrain, or re-export with "
-                                 "--resume_from_checkpoint latest")
-    return record
-
-
-def export_fingerprint(folder: str | Path) -> str:
-    """A short content identity of a finished export (sha256 over its files' digests, run config included).
-
-    Reads only the record: call :func:`verify_export` (``load_trained_model`` does) to check the files themselves.
-    """
-    return sha256_json(read_export_record(folder)["files"])
-
 
 def seal_legacy_export(folder: str | Path) -> dict[str, Any]:
     """Write the completion record for a model exported before records existed (so it loads again).
