@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,6 @@ class DemoConfig:
     parallel: int = 3  # scripts side by side: small models scale poorly over threads; 3 x 1 thread beat 1 x 2
     threads: int = 1
     methods: tuple[str, ...] = ("unconditioned", "text", "fine-grained")
-    log: list[str] = field(default_factory=list)
 
 
 class Stage:
@@ -489,9 +488,10 @@ def paired_volume_difference(raw_summary: dict, resim_summary: dict) -> dict[str
     Raises:
         ValueError: the runs do not score the same volumes (a comparison on other slices would mislead).
     """
-    def scored(summary: dict) -> dict[str, dict]:
+    def scored(summary: dict) -> dict[str, dict]:  # --data_root marks a scored volume "scored", --raw_dir "done"
         return {v["filename"]: v for v in summary["volumes"]
-                if v.get("fastmri_psnr") is not None and v.get("status", "scored") == "scored"}
+                if v.get("fastmri_psnr") is not None and not v.get("failed_slices")
+                and v.get("status", "scored") in ("scored", "done")}
 
     raw, resim = scored(raw_summary), scored(resim_summary)
     if not raw or raw.keys() != resim.keys():
