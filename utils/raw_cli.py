@@ -66,7 +66,7 @@ def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Cal
         try:
             volumes.append(open_raw_volume(path, overrides))
         except (OSError, ValueError) as err:
-            return fail(f"{path}: not a readable fastMRI multi-coil file ({str(err).splitlines()[0]})")
+            return fail(f"{path}: not a readable fastMRI or CMRxRecon multi-coil file ({str(err).splitlines()[0]})")
     all_test = all(v.kind == "test" for v in volumes)
     mask_type = args.mask_type if ("mask_type" in given or not all_test) else None
     acc = args.acc_factor if ("acc_factor" in given or not all_test) else None
@@ -153,7 +153,8 @@ def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Cal
     print(f"{out.name}  raw  {settings.mask_type or 'file masks'}"
           f"{'' if settings.acc_factor is None else f' x{settings.acc_factor:g}'}  "
           f"({summary['num_volumes']} volumes, {summary['num_slices']} slices)")  # fmt: skip
-    for key in ("fastmri_psnr", "fastmri_ssim", "fastmri_nmse", "acceleration", "sigma", "time_s", "nfe"):
+    cmrx_keys = [k for k in ("cmrx_psnr", "cmrx_ssim", "cmrx_nmse") if k in summary]  # CMRxRecon ranking region
+    for key in ("fastmri_psnr", "fastmri_ssim", "fastmri_nmse", *cmrx_keys, "acceleration", "sigma", "time_s", "nfe"):
         stat = summary.get(key)
         text = "n/a (no target)" if stat is None else f"{stat['mean']:.4g} ± {stat['std']:.4g}"
         print(f"  {key:16s} {text}")

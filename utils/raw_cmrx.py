@@ -93,6 +93,12 @@ def list_cmrx_files(root: str | Path) -> list[Path]:
         if "SingleCoil" in p.relative_to(root).parts or "SingleCoil" in root.parts:
             continue
         out.append(p)
+    seen: dict[str, Path] = {}
+    for p in out:  # the stem names a volume's outputs and seeds its masks: two files must not share it
+        other = seen.setdefault(volume_stem(p), p)
+        if other != p:
+            raise ValueError(f"{other} and {p} would share the output name {volume_stem(p)}: give each tree from its "
+                             "MultiCoil/ folder on")  # fmt: skip
     return out
 
 
@@ -468,12 +474,12 @@ def _noise_reference(shape: tuple[int, int, int], kw: int, m: int) -> float:
 
 
 def calibration_noise_sigma(
-    y: np.ndarray, mask: np.ndarray, kernel_width: int = 5, fraction: float = 0.125
+    y: np.ndarray, mask: np.ndarray, kernel_width: int = 5, fraction: float = 0.125, max_rows: int = 96
 ) -> float | None:
     """σ (per real/imaginary part) from the null space of the ACS calibration matrix.
 
-    The calibration matrix of the fully measured centre (every readout row × the ACS columns, ``kernel_width²``
-    windows × coils) has a low-rank signal part — the coils see one image, which is what ESPIRiT relies on — so its
+    The calibration matrix of the fully measured centre (up to ``max_rows`` centre readout rows × the ACS columns,
+    ``kernel_width²`` windows × coils) has a low-rank signal part — the coils see one image, which is what ESPIRiT relies on — so its
     smallest eigenvalues are noise only, whatever fills the field of view. ``σ² = mean(smallest fraction of the
     eigenvalues) / the same for a pure-noise block of the same shape with σ = 1``. Needs no readout oversampling and
     no empty region. Returns ``None`` without an ACS block at least ``kernel_width + 2`` columns wide.
@@ -481,7 +487,7 @@ def calibration_noise_sigma(
     from utils.raw_data import acs_block
 
     c, h, w = y.shape
-    rows, cols = acs_block(mask, (h, w), w, h)
+    rows, cols = acs_block(mask, (h, w), w, max_rows)  # more rows: more windows, but cost grows with them
     width = cols.stop - cols.start
     if width < kernel_width + 2 or rows.stop - rows.start < kernel_width + 2:
         return None
