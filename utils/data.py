@@ -177,6 +177,7 @@ class MRISliceDataset(Dataset):
 
         items: list[_Item] = []
         problems: list[str] = []
+        absent: dict[str, int] = {}  # anatomy -> rows whose whole slice folder is missing (one hint, not a row each)
         for csv_path in metadata_csvs:
             df = load_metadata_csv(csv_path)
             if "anatomy" not in df.columns:
@@ -203,8 +204,17 @@ class MRISliceDataset(Dataset):
                 problem = self._check(item)
                 if problem:
                     problems.append(f"{where} ({filename} slice {idx}): {problem}")
+                    if not ds_dir.is_dir():
+                        absent[anatomy] = absent.get(anatomy, 0) + 1
                     continue
                 items.append(item)
+        if problems and sum(absent.values()) == len(problems):  # only whole folders missing: wrong size or split
+            from utils.data_hints import slice_folder_hint
+
+            hint = "; ".join(filter(None, (slice_folder_hint(self.data_root, a, crop_size, split) for a in absent)))
+            problems = [f"{len(problems)} metadata row(s) have no slice file: {hint}"]
+            if on_missing == "error":
+                raise FileNotFoundError(problems[0])
         if problems:
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             shown = "\n  ".join(problems[:10]) + more

@@ -215,7 +215,9 @@ def load_metadata_csv(path: str | Path) -> pd.DataFrame:
     """Read a metadata CSV; every column as text so that nothing is silently coerced (e.g. ``"null"``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"metadata CSV not found: {path}")
+        from utils.data_hints import missing_csv_hint
+
+        raise FileNotFoundError(f"metadata CSV not found: {path}{missing_csv_hint(path)}")
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = {"filename", "slice"} - set(df.columns)
     if missing:
