@@ -531,7 +531,7 @@ def raw_vs_resimulated(cfg: DemoConfig, models: dict[str, Path], val_items: Sequ
     raw_dir = cfg.output_dir / "raw" / "heldout_compared"  # exactly the compared volumes (symlinks)
     raw_dir.mkdir(parents=True, exist_ok=True)
     for stale in raw_dir.glob("*.h5"):
-        if stale.name not in {f.name for f in files}:
+        if stale.name not in {f.name for f in files} or not stale.exists():  # not compared, or a broken link
             stale.unlink()
     for f in files:
         link = raw_dir / f.name
