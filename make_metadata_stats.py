@@ -15,16 +15,43 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from utils import cli
+from utils.cli import option
 from utils.preprocessing.stats import write_stats_from_csvs
 
+PROG = "make_metadata_stats.py"
+STATS_NAME = "metadata_stats.json"
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csvs", type=Path, nargs="+", help="metadata CSV files (of the train split)")
-    p.add_argument("--output", type=Path, default=Path("metadata_stats.json"))
-    return p.parse_args(argv)
+
+@dataclass(kw_only=True)
+class StatsOptions:
+    """Every option of ``make_metadata_stats.py``."""
+
+    csvs: list[Path] = option(help="metadata CSV files (of the train split)", positional=True, metavar="CSV")
+    output: Path = option(Path(STATS_NAME), "the stats file to write")
+    output_dir: Path | None = option(None, f"write {STATS_NAME} into this folder instead (the house's name for "
+                                     "an output location; give --output or --output_dir, not both)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of :class:`StatsOptions` (with ``--config FILE``)."""
+    return cli.build_parser(StatsOptions, prog=PROG, description=__doc__)
+
+
+def parse_args(argv: list[str] | None = None) -> StatsOptions:
+    """The options of a command line; ``output`` is the file to write (resolved from ``--output_dir``)."""
+    parsed = cli.parse_with_sources(StatsOptions, argv, build_parser())
+    options = parsed.config
+    if not options.csvs:
+        cli.fail(PROG, "give at least one metadata CSV")
+    if options.output_dir is not None:
+        if "output" in parsed.set_explicitly:
+            cli.fail(PROG, "give --output FILE or --output_dir DIR, not both")
+        options.output = options.output_dir / STATS_NAME
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:

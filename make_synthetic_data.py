@@ -17,11 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from utils import cli
+from utils.cli import option
 from utils.simulation.acquisition import BRAIN_ACQUISITIONS
 from utils.simulation.cmrx_writer import CMRxConfig, generate_cmrx_dataset
 from utils.simulation.fastmri_writer import FastMRIConfig, generate_fastmri_dataset
+
+PROG = "make_synthetic_data.py"
 
 
 def _matrix(text: str) -> tuple[int, int]:
@@ -32,59 +37,58 @@ def _matrix(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
+@dataclass(kw_only=True)
+class SynthOptions:
+    """Every option of ``make_synthetic_data.py``."""
+
+    format: str = option(help="which real format to write", choices=("fastmri", "cmrx"))
+    output_dir: Path = option(help="output folder")
+    num_volumes: int = option(1, "volumes (fastMRI) or subjects (CMRxRecon)")
+    num_slices: int | None = option(None, "slices per volume", default_text="fastMRI 16, CMRx SAX 10")
+    matrix: tuple[int, int] | None = option(None, "HxW: oversampled readout x phase encode", parse=_matrix,
+                                            metavar="HxW", default_text="fastMRI 640x320, CMRx 512x246")
+    num_coils: tuple[int, ...] | None = option(None, "coil count, or a list drawn from per volume",
+                                               default_text="fastMRI 16, CMRx 10")
+    seed: int = option(0, "seed of every random draw")
+    val_fraction: float | None = option(None, "split subjects into train/val", default_text="flat, no split")
+    no_ground_truth: bool = option(False, "skip the ground_truth/ sidecars")
+    anatomy: str = option("brain", "fastMRI anatomy", choices=("brain",), group="fastMRI")
+    acquisitions: tuple[str, ...] | None = option(None, "restrict to these labels", choices=BRAIN_ACQUISITIONS,
+                                                  group="fastMRI", default_text="real frequencies")
+    vendors: tuple[str, ...] = option(("SIEMENS",), "SIEMENS, GE, Philips (fastMRI: SIEMENS)", group="fastMRI")
+    field_strengths: tuple[float, ...] = option((1.5, 3.0), "field strengths drawn from", unit="T", group="fastMRI")
+    lesion_prob: float = option(0.3, "subjects with white-matter hyperintensities", group="fastMRI")
+    snr: float | None = option(None, "SNR at 1.5 T", group="fastMRI", default_text="fastMRI 40; CMRx 25")
+    protocol_csv: str | None = option(None, "metadata CSV to draw protocols from", group="fastMRI")
+    challenge_accelerations: list[int] = option(
+        [], "also write fastMRI test-format copies (masked kspace + mask + attributes, no target) at these rates, "
+        "under {output_dir}/challenge_acc{R}/", allow_empty=True, group="fastMRI")
+    challenge_mask_type: str = option("equispaced_fraction", "mask of the test-format copies",
+                                      choices=("random", "equispaced", "equispaced_fraction", "magic",
+                                               "magic_fraction"), group="fastMRI")
+    challenge_center_fraction: float | None = option(None, "fully sampled centre fraction of the test-format copies",
+                                                     group="fastMRI", default_text="fastMRI's for the rate")
+    layout: str = option("2023", "CMRxRecon release layout", choices=("2023", "2024"), group="CMRxRecon")
+    num_frames: int = option(12, "cine frames", group="CMRxRecon")
+    num_slices_lax: int = option(3, "long-axis slices", group="CMRxRecon")
+    accelerations: tuple[int, ...] = option((4, 8, 10), "undersampled copies at these rates", group="CMRxRecon")
 
 
-def _str_list(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of :class:`SynthOptions` (with ``--config FILE``)."""
+    return cli.build_parser(SynthOptions, prog=PROG, description=__doc__)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", choices=("fastmri", "cmrx"), required=True)
-    p.add_argument("--output_dir", type=Path, required=True)
-    p.add_argument("--num_volumes", type=int, default=1, help="volumes (fastMRI) or subjects (CMRxRecon)")
-    p.add_argument("--num_slices", type=int, default=None, help="slices per volume (fastMRI 16, CMRx SAX 10)")
-    p.add_argument("--matrix", type=_matrix, default=None,
-                   help="HxW: oversampled readout x phase encode (fastMRI 640x320, CMRx 512x246)")  # fmt: skip
-    p.add_argument("--num_coils", type=_int_list, default=None,
-                   help="coil count, or a comma list drawn from per volume (fastMRI 16, CMRx 10)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val_fraction", type=float, default=None, help="split subjects into train/val (default: flat)")
-    p.add_argument("--no_ground_truth", action="store_true", help="skip the ground_truth/ sidecars")
-    g = p.add_argument_group("fastMRI")
-    g.add_argument("--anatomy", choices=("brain",), default="brain")
-    g.add_argument("--acquisitions", type=_str_list, default=None,
-                   help=f"restrict to these labels ({','.join(BRAIN_ACQUISITIONS)}); default: real frequencies")  # fmt: skip
-    g.add_argument("--vendors", type=_str_list, default=("SIEMENS",), help="SIEMENS,GE,Philips (fastMRI: SIEMENS)")
-    g.add_argument("--field_strengths", type=lambda s: tuple(float(v) for v in s.split(",")), default=(1.5, 3.0))
-    g.add_argument("--lesion_prob", type=float, default=0.3, help="subjects with white-matter hyperintensities")
-    g.add_argument("--snr", type=float, default=None, help="SNR at 1.5 T (fastMRI 40; CMRx 25)")
-    g.add_argument("--protocol_csv", type=str, default=None, help="metadata CSV to draw protocols from")
-    g.add_argument("--challenge_accelerations", type=int, nargs="*", default=[],
-                   help="also write fastMRI test-format copies (masked kspace + mask + attributes, no target) at these "
-                        "rates, under {output_dir}/challenge_acc{R}/")  # fmt: skip
-    g.add_argument("--challenge_mask_type", default="equispaced_fraction",
-                   choices=["random", "equispaced", "equispaced_fraction", "magic", "magic_fraction"])
-    g.add_argument("--challenge_center_fraction", type=float, default=None,
-                   help="fully sampled centre fraction of the test-format copies (default: fastMRI's for the rate)")
-    g = p.add_argument_group("CMRxRecon")
-    g.add_argument("--layout", choices=("2023", "2024"), default="2023")
-    g.add_argument("--num_frames", type=int, default=12)
-    g.add_argument("--num_slices_lax", type=int, default=3)
-    g.add_argument("--accelerations", type=_int_list, default=(4, 8, 10))
-    return p.parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> SynthOptions:
+    """The options of a command line (``--config FILE`` first, then the command line)."""
+    return cli.parse(SynthOptions, argv, build_parser())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.num_volumes < 1:
-        raise SystemExit("--num_volumes must be >= 1")
-    if args.acquisitions is not None:
-        unknown = set(args.acquisitions) - set(BRAIN_ACQUISITIONS)
-        if unknown:
-            raise SystemExit(f"unknown acquisitions {sorted(unknown)}; choose from {BRAIN_ACQUISITIONS}")
+        print(f"{PROG}: error: --num_volumes must be >= 1, got {args.num_volumes}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         if args.format == "fastmri":

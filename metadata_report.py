@@ -16,52 +16,64 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from utils import cli
+from utils.cli import option
+from utils.recon_options import ModelOptions
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model (as recon_complex_multi.py)")
-    g.add_argument("--pretrained_model_name_or_path", default=None, help="released MRI_checkpoint folder (local)")
-    g.add_argument("--pretrained_model_type", default=None, choices=["fastmri", "skm-tea"],
-                   help="released UNet (default: the run's own for --finetune_folder, else fastmri)")
-    g.add_argument("--finetune_folder", default=None, help="output folder of train_mri.py / train_mri_ood.py")
-    g.add_argument("--enable_condition_emb", action="store_true", help="the model uses fine-grained metadata tokens")
-    g.add_argument("--metadata_stats", default=None, help="metadata_stats.json the model was trained with")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g = p.add_argument_group("data (as recon_complex_multi.py)")
-    g.add_argument("--data_root", required=True, help="root holding {anatomy}_mvue_{crop}_{split}/")
-    g.add_argument("--load_dir_meta_brain", default=None, help="brain metadata CSV (held-out slices)")
-    g.add_argument("--load_dir_meta_knee", default=None, help="knee metadata CSV")
-    g.add_argument("--load_dir_meta_cardio", default=None, help="cardiac metadata CSV")
-    g.add_argument("--split", default="val", choices=["train", "val"])
-    g.add_argument("--crop_size", type=int, default=320)
-    g.add_argument("--on_missing", default="error", choices=["error", "skip"],
-                   help="rows without slice files: stop with an error, or skip them with a warning")
-    g = p.add_argument_group("measurement")
-    g.add_argument("--num_slices", type=int, default=20, help="held-out slices, spread evenly over the dataset")
-    g.add_argument("--num_noise", type=int, default=8, help="paired noise draws per slice (each at every timestep)")
-    g.add_argument("--timesteps", type=int, nargs="+", default=None,
-                   help="timestep grid (default: --num_timesteps points evenly spaced in log-SNR)")
-    g.add_argument("--num_timesteps", type=int, default=16, help="size of the default timestep grid")
-    g.add_argument("--t_bands", type=int, nargs="+", default=[0, 100, 300, 600, 1000],
-                   help="band edges in t for the table")
-    g.add_argument("--keys", nargs="+", default=None,
-                   help="attributes to drop / mismatch (default: the model's metadata keys, else the prompt fields)")
-    g.add_argument("--seed", type=int, default=0, help="base seed of the noise draws")
-    g.add_argument("--batch_size", type=int, default=64, help="images per network forward")
-    g.add_argument("--z_threshold", type=float, default=3.0, help="|z| counted as a detected gap in the verdicts")
-    g = p.add_argument_group("counterfactual strips")
-    g.add_argument("--counterfactual_t", type=int, default=500)
-    g.add_argument("--counterfactual_values", type=int, default=7)
-    g.add_argument("--counterfactual_index", type=int, default=0, help="which selected slice the strips show")
-    g.add_argument("--counterfactual_keys", nargs="*", default=None,
-                   help="numerical attributes to sweep (default: TE, TR, TI where the model reads them)")
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", required=True, help="report.json, report.csv, loss_gap.png, counterfactual_*.png")
-    g.add_argument("--no_png", action="store_true")
-    g.add_argument("--no_progress", action="store_true", help="no tqdm bar")
-    return p.parse_args(argv)
+PROG = "metadata_report.py"
+_GROUPS = {"model": "model (as recon_complex_multi.py)", "data": "data (as recon_complex_multi.py)",
+           "measurement": "measurement", "counterfactual": "counterfactual strips", "output": "output"}
+
+
+@dataclass(kw_only=True)  # required options (no default) after the base class's defaulted ones
+class ReportOptions(ModelOptions):
+    """Every option of ``metadata_report.py``."""
+
+    device: str | None = option(None, "torch device", group="model", default_text="cuda if available, else cpu")
+    data_root: str = option(help="root holding {anatomy}_mvue_{crop}_{split}/", group="data")
+    load_dir_meta_brain: str | None = option(None, "brain metadata CSV (held-out slices)",
+                                             aliases=("--metadata_csv_brain",), group="data")
+    load_dir_meta_knee: str | None = option(None, "knee metadata CSV", aliases=("--metadata_csv_knee",), group="data")
+    load_dir_meta_cardio: str | None = option(None, "cardiac metadata CSV", aliases=("--metadata_csv_cardio",),
+                                              group="data")
+    split: str = option("val", "split folder of the slices", choices=("train", "val"), group="data")
+    crop_size: int = option(320, "image side of the data (the size the model was trained at)", unit="px",
+                            aliases=("--resolution",), group="data")
+    on_missing: str = option("error", "rows without slice files: stop with an error, or skip them with a warning",
+                             choices=("error", "skip"), group="data")
+    num_slices: int = option(20, "held-out slices, spread evenly over the dataset", group="measurement")
+    num_noise: int = option(8, "paired noise draws per slice (each at every timestep)", group="measurement")
+    timesteps: list[int] | None = option(None, "timestep grid", group="measurement",
+                                         default_text="--num_timesteps points evenly spaced in log-SNR")
+    num_timesteps: int = option(16, "size of the default timestep grid", group="measurement")
+    t_bands: list[int] = option([0, 100, 300, 600, 1000], "band edges in t for the table", group="measurement")
+    keys: list[str] | None = option(None, "attributes to drop / mismatch", group="measurement",
+                                    default_text="the model's metadata keys, else the prompt fields")
+    seed: int = option(0, "base seed of the noise draws", group="measurement")
+    batch_size: int = option(64, "images per network forward", group="measurement")
+    z_threshold: float = option(3.0, "|z| counted as a detected gap in the verdicts", group="measurement")
+    counterfactual_t: int = option(500, "diffusion timestep of the counterfactual strips", group="counterfactual")
+    counterfactual_values: int = option(7, "values swept per attribute", group="counterfactual")
+    counterfactual_index: int = option(0, "which selected slice the strips show", group="counterfactual")
+    counterfactual_keys: list[str] | None = option(None, "numerical attributes to sweep", allow_empty=True,
+                                                   group="counterfactual",
+                                                   default_text="TE, TR, TI where the model reads them")
+    output_dir: str = option(help="report.json, report.csv, loss_gap.png, counterfactual_*.png", group="output")
+    no_png: bool = option(False, "write no PNG figures", group="output")
+    no_progress: bool = option(False, "no tqdm bar", group="output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of :class:`ReportOptions` (with ``--config FILE``)."""
+    return cli.build_parser(ReportOptions, prog=PROG, description=__doc__, group_titles=_GROUPS)
+
+
+def parse_args(argv: list[str] | None = None) -> ReportOptions:
+    """The options of a command line (``--config FILE`` first, then the command line)."""
+    return cli.parse(ReportOptions, argv, build_parser())
 
 
 def _fail(message: str, code: int = 2) -> int:

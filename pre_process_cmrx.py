@@ -22,30 +22,48 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from pre_processing_final import add_espirit_args, espirit_from_args
+from pre_processing_final import EspiritOptions, espirit_from_args
+from utils import cli
+from utils.cli import option
 from utils.preprocessing.cmrx import CardiacConfig, run_cmrx_preprocessing
 
+PROG = "pre_process_cmrx.py"
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input_dir", type=Path, required=True, help="CMRxRecon release root (2023 or 2024 layout)")
-    p.add_argument("--output_dir", type=Path, required=True)
-    p.add_argument("--split", choices=("train", "val"), default="train",
-                   help="output split; reads TrainingSet (train) or ValidationSet (val) when both exist")  # fmt: skip
-    p.add_argument("--crop_size", type=int, default=320)
-    p.add_argument("--views", nargs="+", default=None, help="views or series names to keep (sax lax cine_sax T1map)")
-    p.add_argument("--slices", nargs="+", type=int, default=None, help="slice indices to keep (default all)")
-    p.add_argument("--frames", nargs="+", type=int, default=None, help="frame indices to keep (default all)")
-    p.add_argument("--maps_per_frame", action="store_true", help="ESPIRiT per frame (default: per slice)")
-    p.add_argument("--sense_gamma", type=float, default=100.0, help="SENSE fallback: γ of (I + γAᴴA)x = γAᴴy")
-    p.add_argument("--sense_iters", type=int, default=30, help="SENSE fallback: CG iterations")
-    p.add_argument("--num_workers", type=int, default=1)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no_progress", action="store_true")
-    add_espirit_args(p)
-    return p.parse_args(argv)
+
+@dataclass(kw_only=True)
+class CardiacPreprocessOptions(EspiritOptions):
+    """Every option of ``pre_process_cmrx.py``."""
+
+    input_dir: Path = option(help="CMRxRecon release root (2023 or 2024 layout)")
+    output_dir: Path = option(help="output root: {output_dir}/heart_mvue_{crop}_{split}/ and "
+                              "metadata_cardiology_{split}.csv", aliases=("--output_root",))
+    split: str = option("train", "output split; reads TrainingSet (train) or ValidationSet (val) when both exist",
+                        choices=("train", "val"))
+    crop_size: int = option(320, "image side after crop/pad", unit="px", aliases=("--resolution",))
+    views: list[str] | None = option(None, "views or series names to keep (e.g. sax lax cine_sax T1map)",
+                                     default_text="all")
+    slices: list[int] | None = option(None, "slice indices to keep", default_text="all")
+    frames: list[int] | None = option(None, "frame indices to keep", default_text="all")
+    maps_per_frame: bool = option(False, "ESPIRiT per frame (without it: per slice)")
+    sense_gamma: float = option(100.0, "SENSE fallback: γ of (I + γAᴴA)x = γAᴴy")
+    sense_iters: int = option(30, "SENSE fallback: CG iterations")
+    num_workers: int = option(1, "parallel worker processes")
+    overwrite: bool = option(False, "recompute slices that already exist")
+    no_progress: bool = option(False, "no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of :class:`CardiacPreprocessOptions` (with ``--config FILE``)."""
+    return cli.build_parser(CardiacPreprocessOptions, prog=PROG, description=__doc__,
+                            group_titles={None: "", "ESPIRiT": "ESPIRiT"})
+
+
+def parse_args(argv: list[str] | None = None) -> CardiacPreprocessOptions:
+    """The options of a command line (``--config FILE`` first, then the command line)."""
+    return cli.parse(CardiacPreprocessOptions, argv, build_parser())
 
 
 def _error(message: str, status: int) -> int:
@@ -75,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if summary.ok else 1
 
 
-def _config(args: argparse.Namespace) -> CardiacConfig:
+def _config(args: CardiacPreprocessOptions) -> CardiacConfig:
     return CardiacConfig(
         input_dir=args.input_dir,
         output_dir=args.output_dir,

@@ -23,37 +23,62 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from utils import cli
+from utils.cli import option
 from utils.coils import ESPIRIT_DEFAULTS
 from utils.preprocessing.fastmri import PreprocessConfig, list_h5_files, load_fastmri_plus, run_preprocessing
 from utils.preprocessing.slices import EspiritParams
 from utils.preprocessing.stats import STATS_TRAIN_ONLY
 
-
-def add_espirit_args(parser: argparse.ArgumentParser) -> None:
-    """The ``--espirit_*`` options shared by the preprocessing scripts."""
-    g = parser.add_argument_group("ESPIRiT")
-    g.add_argument("--espirit_calib_width", type=int, default=ESPIRIT_DEFAULTS["calib_width"])
-    g.add_argument("--espirit_thresh", type=float, default=ESPIRIT_DEFAULTS["thresh"])
-    g.add_argument("--espirit_kernel_width", type=int, default=ESPIRIT_DEFAULTS["kernel_width"])
-    g.add_argument("--espirit_crop", type=float, default=ESPIRIT_DEFAULTS["crop"])
-    g.add_argument(
-        "--espirit_backend",
-        choices=("fast", "sigpy"),
-        default="fast",
-        help="fast: same maps as sigpy EspiritCalib, computed exactly (eigh) on the kept pixels only; "
-        "sigpy: EspiritCalib power iteration on the full grid (the reference)",
-    )
-    g.add_argument(
-        "--espirit_max_iter",
-        type=int,
-        default=ESPIRIT_DEFAULTS["max_iter"],
-        help="power iterations of the sigpy backend (e.g. 10-30 for a quick, less exact run)",
-    )
+PROG = "pre_processing_final.py"
 
 
-def espirit_from_args(args: argparse.Namespace) -> EspiritParams:
+@dataclass
+class EspiritOptions:
+    """The ``--espirit_*`` options shared by the preprocessing scripts (defaults: :data:`utils.coils.ESPIRIT_DEFAULTS`)."""
+
+    espirit_calib_width: int = option(ESPIRIT_DEFAULTS["calib_width"], "width of the fully sampled calibration "
+                                      "region (per axis)", unit="k-space samples", group="ESPIRiT")
+    espirit_thresh: float = option(ESPIRIT_DEFAULTS["thresh"], "singular-value threshold of the calibration matrix",
+                                   group="ESPIRiT")
+    espirit_kernel_width: int = option(ESPIRIT_DEFAULTS["kernel_width"], "k-space kernel width", unit="samples",
+                                       group="ESPIRiT")
+    espirit_crop: float = option(ESPIRIT_DEFAULTS["crop"], "eigenvalue threshold below which the maps are set to "
+                                 "zero (outside the object)", group="ESPIRiT")
+    espirit_backend: str = option("fast", "fast: same maps as sigpy EspiritCalib, computed exactly (eigh) on the kept "
+                                  "pixels only; sigpy: EspiritCalib power iteration on the full grid (the reference)",
+                                  choices=("fast", "sigpy"), group="ESPIRiT")
+    espirit_max_iter: int = option(ESPIRIT_DEFAULTS["max_iter"], "power iterations of the sigpy backend (e.g. 10-30 "
+                                   "for a quick, less exact run)", group="ESPIRiT")
+
+
+@dataclass(kw_only=True)
+class FastMRIPreprocessOptions(EspiritOptions):
+    """Every option of ``pre_processing_final.py``."""
+
+    input_dir: Path = option(help="folder of fastMRI multi-coil .h5 files")
+    output_root: Path = option(help="output root: {output_root}/{anatomy}_mvue_{crop}_{split}/ and "
+                               "metadata_{anatomy}_{split}.csv", aliases=("--output_dir",))
+    train: bool = option(False, "write the train split (without it: the val split)")
+    crop_size: int = option(320, "image side after crop/pad", unit="px", aliases=("--resolution",))
+    num_workers: int = option(1, "parallel worker processes (one thread each)")
+    anatomy: str | None = option(None, "force the anatomy", choices=("brain", "knee"),
+                                 default_text="from the file name")
+    fastmri_plus_csv: Path | None = option(None, "fastMRI+ annotations (file, slice, label)")
+    write_stats: bool = option(False, "write {output_root}/metadata_stats.json from all train CSVs of the root "
+                               "(with --train only)")
+    overwrite: bool = option(False, "recompute slices that already exist")
+    no_progress: bool = option(False, "no progress bar")
+
+
+_GROUPS = {None: "", "ESPIRiT": "ESPIRiT"}  # the main options first, then ESPIRiT
+
+
+def espirit_from_args(args: Any) -> EspiritParams:
     """ESPIRiT settings from the ``--espirit_*`` options (``ValueError`` for inconsistent ones)."""
     return EspiritParams(
         calib_width=args.espirit_calib_width,
@@ -65,21 +90,14 @@ def espirit_from_args(args: argparse.Namespace) -> EspiritParams:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input_dir", type=Path, required=True, help="folder of fastMRI multi-coil .h5 files")
-    p.add_argument("--output_root", type=Path, required=True)
-    p.add_argument("--train", action="store_true", help="write the train split (default: val)")
-    p.add_argument("--crop_size", type=int, default=320)
-    p.add_argument("--num_workers", type=int, default=1, help="parallel worker processes (one thread each)")
-    p.add_argument("--anatomy", choices=("brain", "knee"), default=None, help="default: from the file name")
-    p.add_argument("--fastmri_plus_csv", type=Path, default=None, help="fastMRI+ annotations (file, slice, label)")
-    p.add_argument("--write_stats", action="store_true",
-                   help="write {output_root}/metadata_stats.json from all train CSVs of the root (with --train only)")
-    p.add_argument("--overwrite", action="store_true", help="recompute slices that already exist")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    add_espirit_args(p)
-    return p.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of :class:`FastMRIPreprocessOptions` (with ``--config FILE``)."""
+    return cli.build_parser(FastMRIPreprocessOptions, prog=PROG, description=__doc__, group_titles=_GROUPS)
+
+
+def parse_args(argv: list[str] | None = None) -> FastMRIPreprocessOptions:
+    """The options of a command line (``--config FILE`` first, then the command line)."""
+    return cli.parse(FastMRIPreprocessOptions, argv, build_parser())
 
 
 def _error(message: str, status: int) -> int:

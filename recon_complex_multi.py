@@ -12,9 +12,11 @@ run resumes a folder only when the fingerprint matches; an explicit --tag whose 
 (exit 2, naming the differing settings) unless --overwrite.
 
 Shard a set over processes/GPUs with ``accelerate launch recon_complex_multi.py ...`` (each process takes every n-th
-slice), or run --start_idx/--end_idx ranges separately into the same --save_dir: the summary is rebuilt from the rows
-on disk and marks volumes whose slices are not all done as incomplete. Exit status: 0 when every reconstructed slice
-succeeded, 1 when any slice failed (non-finite input or output; listed in summary.json), 2 for bad arguments.
+slice), or run separate jobs (machines, SLURM array tasks) into the same --save_dir with --num_shards N
+--shard_index I (each takes every N-th slice; docs/cluster.md) or with --start_idx/--end_idx ranges: the summary is
+rebuilt from the rows on disk and marks volumes whose slices are not all done as incomplete, so the last shard to
+finish writes the whole run's summary. Exit status: 0 when every reconstructed slice succeeded, 1 when any slice
+failed (non-finite input or output; listed in summary.json), 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -23,103 +25,158 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from utils import cli
+from utils.cli import option
+from utils.data_hints import missing_csv_hint
+from utils.distributed import SHARD_GROUP, ShardOptions, exclusive_lock, exit_on_bad_shards, shard_items
 from utils.masks import MASK_TYPES
+from utils.raw_cli import RawOptions
+from utils.recon_options import PRECISIONS, RECON_METHODS, ModelOptions, SamplerSettings, sampler_values
+from utils.samplers import PRESETS
 
 PROG = "recon_complex_multi.py"
 
+_GROUPS = {"model": "model", "data": "data (preprocessed slices: --data_root)", "measurement": "measurement",
+           "method": "method", "output": "output", "raw": "raw acquisitions (--raw_dir, instead of --data_root)",
+           SHARD_GROUP: SHARD_GROUP}
+_FAST = ", ".join(f"--{k} {v}" for k, v in PRESETS["fast"].items())
+
+
+@dataclass
+class ReconOptions(ModelOptions, SamplerSettings, RawOptions, ShardOptions):
+    """Every option of ``recon_complex_multi.py`` (``--data_root`` and ``--raw_dir`` modes)."""
+
+    pretrained_model_name_or_path: str | None = option(
+        None, "released MRI_checkpoint folder (local)", group="model", default_text="for a --finetune_folder: the run's "
+        "own")
+    metadata_stats: str | None = option(None, "metadata_stats.json the model was trained with", group="model",
+                                        default_text="the --finetune_folder run's own, if it exists")
+    mixed_precision: str = option("no", "network precision; data consistency always runs in fp32/complex64",
+                                  choices=PRECISIONS, group="model")
+    data_root: str | None = option(None, "root holding {anatomy}_mvue_{crop}_{split}/", group="data",
+                                   default_text="none; required unless --raw_dir is given")
+    load_dir_meta_brain: str | None = option(None, "brain metadata CSV", aliases=("--metadata_csv_brain",),
+                                             group="data")
+    load_dir_meta_knee: str | None = option(None, "knee metadata CSV", aliases=("--metadata_csv_knee",), group="data")
+    load_dir_meta_cardio: str | None = option(None, "cardiac metadata CSV", aliases=("--metadata_csv_cardio",),
+                                              group="data")
+    split: str = option("val", "split folder of the slices ({anatomy}_mvue_{crop}_{split}/)", choices=("train", "val"),
+                        group="data")
+    crop_size: int | None = option(None, "image side of the data; must equal the size the model was trained at",
+                                   unit="px", aliases=("--resolution",), group="data",
+                                   default_text="the --finetune_folder run's resolution, else 320")
+    start_idx: int = option(0, "first dataset index to reconstruct", group="data")
+    end_idx: int | None = option(None, "one past the last dataset index", group="data", default_text="the end")
+    on_missing: str = option("error", "rows without slice/map files: stop with an error, or skip them with a warning",
+                             choices=("error", "skip"), group="data")
+    mask_type: str = option("uniform1d", "undersampling mask", choices=MASK_TYPES, group="measurement")
+    acc_factor: float = option(4.0, "nominal acceleration R > 1", group="measurement")
+    center_fraction: float | None = option(None, "fully sampled centre fraction in (0, 1)", group="measurement",
+                                           default_text="0.08 at 4x, 0.04 at 8x, else 0.32/R")
+    noise_sigma: float = option(
+        0.0, "complex Gaussian noise added to the simulated k-space, y = M(F S x + n), n ~ CN(0, σ²): real and "
+        "imaginary parts each have std σ/√2 (E|n|² = σ²), relative to the normalised images (99th percentile of "
+        "|x| = 1); seeded per (file, slice), the same for every method", group="measurement")
+    method: str = option("diffusion", "the diffusion prior or a baseline", choices=RECON_METHODS, group="method")
+    preset: str | None = option(None, f"named sampler settings (utils.samplers.PRESETS; options given explicitly "
+                                f"win): 'fast' = {_FAST} (benchmarks/bench_nfe_quality.py, README 'Fast "
+                                "reconstruction')", choices=sorted(PRESETS), group="method")
+    metadata_override: list[str] = option([], "replace metadata values (e.g. a mismatched contrast) to test metadata "
+                                          "sensitivity", metavar="KEY=VALUE", allow_empty=True, split_commas=False,
+                                          group="method")
+    mismatch_metadata: bool = option(False, "give every slice the protocol of another contrast (does the model use "
+                                     "its metadata?)", group="method")
+    num_samples: int = option(1, "ensemble size (complex mean scored, std map saved)", group="method")
+    seed: int = option(0, "base seed of the per-slice noise generators", group="method")
+    batch_size: int = option(1, "slices per network forward (not part of the run's identity: per-slice seeds)",
+                             group="method")
+    save_dir: str = option("./results", "results root: {save_dir}/{mask_type}/acc_{R}/{tag}/",
+                           aliases=("--output_dir",), group="output")
+    tag: str | None = option(None, "name of the method's output folder", group="output",
+                             default_text="readable settings + a short hash of them")
+    overwrite: bool = option(False, "replace the results of another run in the --tag folder (matching results are "
+                             "resumed)", group="output")
+    no_png: bool = option(False, "write no PNG figures (arrays and metrics only)", group="output")
+
+    #: What a saved settings.json records that is no option: the prior's image size (from the model).
+    CONFIG_RECORDED_KEYS = frozenset({"image_size"})
+
+    @classmethod
+    def config_from_saved(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A run's ``settings.json`` (``--data_root``: :class:`utils.reconstruction.ReconSettings`; ``--raw_dir``:
+        :class:`utils.raw_reconstruction.RawReconSettings`) as options of this command line.
+
+        Raises:
+            ValueError: the file sets a raw setting that has no option here to a value other than its default.
+        """
+        if "save_png" in data:
+            save_png = data.pop("save_png")
+            if not isinstance(save_png, bool):
+                raise ValueError(f"save_png: expected true or false, got {save_png!r}")
+            data.setdefault("no_png", not save_png)
+        if isinstance(data.get("metadata_override"), dict):
+            data["metadata_override"] = [f"{k}={_override_text(v)}" for k, v in data["metadata_override"].items()]
+        for key in ("mask_type", "acc_factor"):  # raw runs of test files record None: each file's own mask
+            if key in data and data[key] is None:
+                del data[key]
+        options = {f for f in cls.__dataclass_fields__}
+        fixed = [k for k in data if k not in options and k in _raw_only_defaults()]
+        for key in fixed:  # raw settings without an option: only their defaults can be reproduced
+            if data[key] != _raw_only_defaults()[key]:
+                raise ValueError(f"{key} = {data[key]!r} has no option in this command line (only its default "
+                                 f"{_raw_only_defaults()[key]!r} can be run)")
+            del data[key]
+        return data
+
+
+def _override_text(value: Any) -> str:
+    """A typed metadata value of a saved ``metadata_override`` as the ``KEY=VALUE`` text the CLI parses."""
+    if value is None:
+        return ""
+    if isinstance(value, list):  # pathology labels; [] = explicit "no finding"
+        return ", ".join(map(str, value)) if value else "no finding"
+    return str(value)
+
+
+def _raw_only_defaults() -> dict[str, Any]:
+    """The :class:`RawReconSettings` fields that no option sets, with their defaults."""
+    import dataclasses
+
+    from utils.raw_reconstruction import RawReconSettings
+
+    options = set(ReconOptions.__dataclass_fields__) | set(ReconOptions.CONFIG_RECORDED_KEYS)
+    return {f.name: f.default for f in dataclasses.fields(RawReconSettings) if f.name not in options}
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="released MRI_checkpoint folder (local); default for a --finetune_folder: the run's own")
-    g.add_argument("--pretrained_model_type", default=None, choices=["fastmri", "skm-tea"],
-                   help="released UNet subfolder; default: the --finetune_folder run's own (run_config.json), else "
-                        "fastmri. A value contradicting a LoRA run's base is refused")
-    g.add_argument("--finetune_folder", default=None, help="output folder of train_mri.py / train_mri_ood.py")
-    g.add_argument("--enable_condition_emb", action="store_true", help="the model uses fine-grained metadata tokens")
-    g.add_argument("--metadata_stats", default=None,
-                   help="metadata_stats.json the model was trained with (default: the run's own, if it exists)")
-    g.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
-                   help="network precision; data consistency always runs in fp32/complex64")
-    g = p.add_argument_group("data")
-    g.add_argument("--data_root", default=None,
-                   help="root holding {anatomy}_mvue_{crop}_{split}/ (required unless --raw_dir is given)")
-    g.add_argument("--load_dir_meta_brain", default=None, help="brain metadata CSV")
-    g.add_argument("--load_dir_meta_knee", default=None, help="knee metadata CSV")
-    g.add_argument("--load_dir_meta_cardio", default=None, help="cardiac metadata CSV")
-    g.add_argument("--split", default="val", choices=["train", "val"])
-    g.add_argument("--crop_size", type=int, default=None,
-                   help="image side of the data (default: the --finetune_folder run's resolution, else 320); must "
-                        "equal the size the model was trained at")
-    g.add_argument("--start_idx", type=int, default=0, help="first dataset index to reconstruct")
-    g.add_argument("--end_idx", type=int, default=None, help="one past the last dataset index")
-    g.add_argument("--on_missing", default="error", choices=["error", "skip"],
-                   help="rows without slice/map files: stop with an error, or skip them with a warning")
-    g = p.add_argument_group("measurement")
-    g.add_argument("--mask_type", default="uniform1d", choices=list(MASK_TYPES))
-    g.add_argument("--acc_factor", type=float, default=4.0, help="nominal acceleration R > 1")
-    g.add_argument("--center_fraction", type=float, default=None,
-                   help="fully sampled centre fraction in (0, 1) (default: 0.08 at 4x, 0.04 at 8x, else 0.32/R)")
-    g.add_argument("--noise_sigma", type=float, default=0.0,
-                   help="complex Gaussian noise added to the simulated k-space, y = M(F S x + n), n ~ CN(0, σ²): "
-                        "real and imaginary parts each have std σ/√2 (E|n|² = σ²), relative to the normalised "
-                        "images (99th percentile of |x| = 1); seeded per (file, slice), the same for every method")
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default="diffusion", choices=["diffusion", "zero_filled", "cs"])
-    from utils.samplers import PRESETS
-
-    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="named sampler settings (utils.samplers.PRESETS; flags given explicitly win): 'fast' = "
-                        + ", ".join(f"--{k} {v}" for k, v in PRESETS["fast"].items())
-                        + " (benchmarks/bench_nfe_quality.py, README 'Fast reconstruction')")
-    g.add_argument("--sampler", default="dds", choices=["dds", "dps"])
-    g.add_argument("--num_steps", type=int, default=100)
-    g.add_argument("--eta", type=float, default=0.8)
-    g.add_argument("--gamma", type=float, default=5.0)
-    g.add_argument("--cg_iter", type=int, default=5)
-    g.add_argument("--dps_step", type=float, default=1.0)
-    g.add_argument("--clip_x0", type=float, default=None,
-                   help="DDS: limit |x0_hat| to this value before data consistency (off by default, as the reference)")
-    g.add_argument("--guidance_scale", "--cfg_scale", type=float, default=1.0,
-                   help="w <= 1: conditional only; w > 1: eps_u + w (eps_c - eps_u)")
-    g.add_argument("--drop_metadata_keys", nargs="*", default=[], help="attributes removed at inference")
-    g.add_argument("--uncond_drop_keys", nargs="*", default=None,
-                   help="with w > 1, attributes the unconditional branch drops (default: all, empty prompt)")
-    g.add_argument("--metadata_override", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="replace metadata values (e.g. a mismatched contrast) to test metadata sensitivity")
-    g.add_argument("--mismatch_metadata", action="store_true",
-                   help="give every slice the protocol of another contrast (does the model use its metadata?)")
-    g.add_argument("--num_samples", type=int, default=1, help="ensemble size (complex mean scored, std map saved)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch_size", type=int, default=1,
-                   help="slices per network forward (not part of the run's identity: per-slice seeds)")
-    g.add_argument("--cs_lambda", type=float, default=0.005)
-    g.add_argument("--cs_iter", type=int, default=100)
-    g = p.add_argument_group("output")
-    g.add_argument("--save_dir", default="./results")
-    g.add_argument("--tag", default=None,
-                   help="name of the method's output folder (default: readable settings + a short hash of them)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace the results of another run in the --tag folder (matching results are resumed)")
-    g.add_argument("--no_png", action="store_true")
-    # --- raw acquisitions (issue 14): options and run live in utils/raw_cli.py ---
-    from utils.raw_cli import add_raw_arguments
-
-    add_raw_arguments(p)
-    return p
+    """The parser of :class:`ReconOptions` (with ``--config settings.json``; ``--num_shards/--shard_index`` from
+    :class:`utils.distributed.ShardOptions`: separate jobs (machines) into one --save_dir)."""
+    return cli.build_parser(ReconOptions, prog=PROG, description=__doc__, group_titles=_GROUPS,
+                            config_help="a run's settings.json (or any JSON of these options): its settings, with "
+                            "the options given here overriding them")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset is not None:  # a preset only changes defaults, so explicitly given flags keep their values
-        from utils.samplers import PRESETS
+def _with_preset(from_file: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """Defaults < file < preset < command line (a preset named in the file sits below the file's own values)."""
+    if given.get("preset"):
+        return {**from_file, **PRESETS[given["preset"]], **given}
+    if from_file.get("preset"):
+        return {**PRESETS[from_file["preset"]], **from_file, **given}
+    return {**from_file, **given}
 
-        parser.set_defaults(**PRESETS[preset])
-    return parser.parse_args(argv)
+
+def parse_command_line(argv: list[str] | None = None) -> cli.Parsed:
+    """The options, what was set explicitly (command line or ``--config``) and the sharding extras."""
+    return cli.parse_with_sources(ReconOptions, argv, build_parser(), layers=_with_preset)
+
+
+def parse_args(argv: list[str] | None = None) -> ReconOptions:
+    """The options of a command line (``--preset`` applied; explicitly given options win)."""
+    return parse_command_line(argv).config
 
 
 class ArgumentProblem(Exception):
@@ -130,7 +187,7 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: ReconOptions) -> None:
     """Everything that can be checked from the command line and the file system alone (no data, no model).
 
     Raises:
@@ -169,7 +226,7 @@ def check_args(args: argparse.Namespace) -> None:
     csvs = [c for c in (args.load_dir_meta_brain, args.load_dir_meta_knee, args.load_dir_meta_cardio) if c]
     need(bool(csvs), "give at least one of --load_dir_meta_brain / --load_dir_meta_knee / --load_dir_meta_cardio")
     for c in csvs:
-        need(Path(c).is_file(), f"metadata CSV not found: {c}")
+        need(Path(c).is_file(), f"metadata CSV not found: {c}{missing_csv_hint(c)}")
     if args.method == "diffusion":
         need(bool(args.finetune_folder or args.pretrained_model_name_or_path),
              "method 'diffusion' needs --finetune_folder and/or --pretrained_model_name_or_path")
@@ -223,11 +280,13 @@ def _note(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parsed = parse_command_line(argv)
+    args = parsed.config
+    exit_on_bad_shards(args, PROG)
     if args.raw_dir is not None:  # --- raw acquisitions (issue 14): utils/raw_cli.py ---
         from utils.raw_cli import raw_main
 
-        return raw_main(args, argv, build_parser, PROG)
+        return raw_main(args, parsed.set_explicitly, PROG)
     try:
         if args.data_root is None:
             raise ArgumentProblem("give --data_root (preprocessed slices) or --raw_dir (raw k-space files)")
@@ -237,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
+def _main(args: ReconOptions, argv: list[str] | None) -> int:
     from utils.reconstruction import mask_problem
 
     check_args(args)
@@ -274,8 +333,10 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
                                   on_missing=args.on_missing)
     except FileNotFoundError as err:  # rows whose files are missing or of the wrong size: bad input
         lines = str(err).splitlines()
-        raise ArgumentProblem(lines[0] + (f" {lines[1].strip()}" if len(lines) > 1 else "") +
-                              (" ..." if len(lines) > 2 else "") + " (--on_missing skip drops them)") from None
+        if len(lines) == 1:  # a whole folder missing (wrong size or split): the message names the fix
+            raise ArgumentProblem(lines[0]) from None
+        raise ArgumentProblem(lines[0] + f" {lines[1].strip()}" + (" ..." if len(lines) > 2 else "") +
+                              " (--on_missing skip drops them)") from None
     except ValueError as err:  # no slices at all
         print(f"{PROG}: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 1
@@ -284,6 +345,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     if not indices:
         print(f"{PROG}: error: no slices in [{args.start_idx}, {end}) (dataset has {len(dataset)})", file=sys.stderr)
         return 1
+    indices = shard_items(indices, args.num_shards, args.shard_index)  # this machine's share; processes split it
 
     from accelerate import PartialState
 
@@ -296,13 +358,10 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     state = PartialState(cpu=multi_process_cpu_launch())
     settings = ReconSettings(
-        method=args.method, sampler=args.sampler, mask_type=args.mask_type, acc_factor=args.acc_factor,
-        center_fraction=args.center_fraction, noise_sigma=args.noise_sigma, num_steps=args.num_steps, eta=args.eta,
-        gamma=args.gamma, cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale,
-        clip_x0=args.clip_x0, drop_metadata_keys=list(args.drop_metadata_keys), uncond_drop_keys=args.uncond_drop_keys,
-        metadata_override=overrides, mismatch_metadata=args.mismatch_metadata, num_samples=args.num_samples,
-        seed=args.seed, mixed_precision=args.mixed_precision, batch_size=args.batch_size, cs_lambda=args.cs_lambda,
-        cs_iter=args.cs_iter, save_png=not args.no_png, tag=args.tag,
+        **sampler_values(args), method=args.method, mask_type=args.mask_type, acc_factor=args.acc_factor,
+        center_fraction=args.center_fraction, noise_sigma=args.noise_sigma, metadata_override=overrides,
+        mismatch_metadata=args.mismatch_metadata, num_samples=args.num_samples, seed=args.seed,
+        mixed_precision=args.mixed_precision, batch_size=args.batch_size, save_png=not args.no_png, tag=args.tag,
     )
     model_id, stats = None, None
     if plan is not None:
@@ -355,8 +414,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0
-    summary = summarize(out, dataset)
-    _log_command(out, argv, indices, state.num_processes)
+    with exclusive_lock(out / ".summary.lock"):  # shards finishing together: the last one sees every shard's rows
+        summary = summarize(out, dataset)
+        _log_command(out, argv, indices, state.num_processes, (args.shard_index, args.num_shards))
     keys = ["fastmri_psnr", "fastmri_ssim", "fastmri_nmse", "contextmri_psnr", "contextmri_ssim", "time_s",
             "nfe", "acceleration"]
     print(f"{out.name}  {settings.mask_type} x{settings.acc_factor:g}  noise σ {settings.noise_sigma:g}  "
@@ -371,7 +431,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 1 if summary["num_slices_failed"] else 0
 
 
-def _log_command(out: Path, argv: list[str] | None, indices: list[int], num_processes: int) -> None:
+def _log_command(out: Path, argv: list[str] | None, indices: list[int], num_processes: int,
+                 shard: tuple[int, int] = (0, 1)) -> None:
     """Append this invocation to ``command.json`` (every run that wrote into the folder, not just the last)."""
     import json
 
@@ -385,7 +446,8 @@ def _log_command(out: Path, argv: list[str] | None, indices: list[int], num_proc
     if not isinstance(previous, list):  # older folders held one {"argv": ...} object
         previous = [previous]
     previous.append({"argv": sys.argv if argv is None else [sys.argv[0], *argv], "time": time.strftime("%FT%T%z"),
-                     "indices": [indices[0], indices[-1] + 1], "num_processes": num_processes})
+                     "indices": [indices[0], indices[-1] + 1] if indices else [], "num_processes": num_processes,
+                     "shard": list(shard)})
     write_json(path, previous)
 
 

@@ -152,3 +152,161 @@ def test_training_parser_defaults_are_the_dataclass_defaults():
     args = vars(build_parser(OODTrainConfig).parse_args([]))
     args.pop("config")
     assert args == {f.name: f.default for f in dataclasses.fields(OODTrainConfig)}
+
+
+# ------------------------------------------------------------------------------------------------------ every script
+SCRIPTS = ("train_mri", "train_mri_ood", "pre_processing_final", "pre_process_cmrx", "recon_complex_multi",
+           "metadata_report", "make_synthetic_data", "make_metadata_stats")
+
+
+def _option_entries(help_text: str) -> list[str]:
+    """The option entries of a ``--help`` text (an entry and its wrapped continuation lines joined)."""
+    entries: list[str] = []
+    lines = help_text.splitlines()
+    for line in lines[lines.index("options:"):]:  # the script's docstring (examples) comes before
+        stripped = line.strip()
+        if line.startswith("  ") and stripped.startswith("-") and not line.startswith("   " + " " * 30):
+            entries.append(stripped)
+        elif entries and line.startswith(" " * 20) and stripped:
+            entries[-1] += " " + stripped
+        elif not stripped or not line.startswith(" "):
+            entries.append("") if entries and entries[-1] else None
+    return [e for e in entries if e]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_help_exits_0_and_states_every_default(name, capsys):
+    """``--help`` of each real script (in-process: one torch import for all): exit 0, and each option either is a
+    flag or states its default (or that it is required); every option has help text."""
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as err:
+        module.main(["--help"])
+    assert err.value.code == 0
+    text = capsys.readouterr().out
+    assert "--config FILE" in text
+    parser = build_parser(OODTrainConfig if name == "train_mri_ood" else TrainConfig) if name.startswith(
+        "train_mri") else module.build_parser()
+    flags = {s for a in parser._actions if a.nargs == 0 for s in a.option_strings}
+    entries = _option_entries(text)
+    assert len(entries) >= len(parser._actions) - 1, entries  # every action has an entry (positional: own section)
+    for entry in entries:
+        name_part = entry.split()[0].rstrip(",")
+        if name_part in flags:
+            continue
+        assert "(default:" in entry or "(required)" in entry, f"{name}: {entry}"
+    for action in parser._actions:
+        assert action.help, f"{name}: {action.option_strings or action.dest} has no help text"
+
+
+def test_real_recon_script_help_in_a_subprocess():
+    proc = subprocess.run([sys.executable, "recon_complex_multi.py", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--num_steps" in proc.stdout and "(default: 100)" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------------ reconstruction
+RECON = ["--data_root", "x", "--load_dir_meta_brain", "y.csv"]
+
+
+def test_sampler_settings_and_defaults_exist_once():
+    import inspect
+
+    from utils.diffusion_recon import DiffusionReconstructor
+    from utils.raw_reconstruction import RawReconSettings
+    from utils.recon_options import SAMPLER_DEFAULTS, SamplerSettings, sampler_field_names
+    from utils.reconstruction import ReconSettings
+    from utils.samplers import PRESETS
+
+    import recon_complex_multi
+
+    names = sampler_field_names()
+    assert {"num_steps", "eta", "gamma", "cg_iter", "cs_lambda", "clip_x0", "guidance_scale"} <= set(names)
+    for cls in (ReconSettings, RawReconSettings, recon_complex_multi.ReconOptions):
+        assert issubclass(cls, SamplerSettings)
+        assert {n: getattr(cls(), n) for n in names} == dataclasses.asdict(SAMPLER_DEFAULTS)
+    signature = inspect.signature(DiffusionReconstructor)
+    for name in ("sampler", "num_steps", "eta", "gamma", "cg_iter", "dps_step", "guidance_scale", "clip_x0"):
+        assert signature.parameters[name].default == getattr(SAMPLER_DEFAULTS, name), name
+    for preset in PRESETS.values():
+        assert set(preset) <= set(names)
+
+
+def test_recon_settings_json_round_trip(tmp_path):
+    """A run's settings.json passed back with --config gives the same ReconSettings the run had."""
+    import recon_complex_multi
+    from utils.reconstruction import ReconSettings
+    from utils.recon_options import sampler_values
+
+    argv = [*RECON, "--num_steps", "7", "--eta", "0.3", "--drop_metadata_keys", "TE", "TR", "--no_png",
+            "--metadata_override", "TE=12.5", "--guidance_scale", "2", "--uncond_drop_keys", "TE", "--tag", "t"]
+    a = recon_complex_multi.parse_args(argv)
+
+    def settings(o):
+        from recon_complex_multi import _overrides
+
+        return ReconSettings(**sampler_values(o), method=o.method, mask_type=o.mask_type, acc_factor=o.acc_factor,
+                             center_fraction=o.center_fraction, noise_sigma=o.noise_sigma,
+                             metadata_override=_overrides(o.metadata_override), num_samples=o.num_samples,
+                             seed=o.seed, batch_size=o.batch_size, save_png=not o.no_png, tag=o.tag)
+
+    run = settings(a)
+    (tmp_path / "settings.json").write_text(json.dumps(dataclasses.asdict(run)))
+    again = recon_complex_multi.parse_args([*RECON, "--config", str(tmp_path / "settings.json")])
+    assert settings(again) == run and again.num_steps == 7 and again.no_png
+    override = recon_complex_multi.parse_args([*RECON, "--config", str(tmp_path / "settings.json"), "--eta", "0.9"])
+    assert override.eta == 0.9 and override.num_steps == 7
+
+
+def test_recon_preset_sits_between_file_and_command_line(tmp_path):
+    import recon_complex_multi
+    from utils.samplers import PRESETS
+
+    (tmp_path / "c.json").write_text(json.dumps({"num_steps": 3, "gamma": 1.0}))
+    a = recon_complex_multi.parse_args([*RECON, "--config", str(tmp_path / "c.json"), "--preset", "fast",
+                                        "--gamma", "7"])
+    assert a.num_steps == PRESETS["fast"]["num_steps"] and a.gamma == 7.0
+
+
+def test_recon_aliases_and_raw_settings_json(tmp_path, capsys):
+    import recon_complex_multi
+    from utils.raw_reconstruction import RawReconSettings
+
+    ref = recon_complex_multi.parse_args([*RECON, "--save_dir", "o", "--crop_size", "32", "--cfg_scale", "2"])
+    house = recon_complex_multi.parse_args(["--data_root", "x", "--metadata_csv_brain", "y.csv", "--output_dir", "o",
+                                            "--resolution", "32", "--guidance_scale", "2"])
+    assert house == ref
+    raw = RawReconSettings(method="cs", cs_iter=40, gamma_rule="noise", image_size=(32, 32))
+    (tmp_path / "settings.json").write_text(json.dumps(dataclasses.asdict(raw)))
+    parsed = recon_complex_multi.parse_command_line(["--raw_dir", "r", "--config", str(tmp_path / "settings.json")])
+    assert (parsed.config.method, parsed.config.cs_iter, parsed.config.gamma_rule) == ("cs", 40, "noise")
+    assert "mask_type" not in parsed.set_explicitly  # None in the file: each test file's own mask
+    (tmp_path / "settings.json").write_text(json.dumps(dataclasses.asdict(RawReconSettings(scale_rule="oracle"))))
+    code, err = _exit_code(recon_complex_multi.parse_args, ["--config", str(tmp_path / "settings.json")],
+                           capsys=capsys)
+    assert code == 2 and "scale_rule" in err
+
+
+def test_synthetic_data_lists_and_metadata_stats_output_dir(capsys):
+    import make_metadata_stats
+    import make_synthetic_data
+
+    base = ["--format", "fastmri", "--output_dir", "o"]
+    assert make_synthetic_data.parse_args([*base, "--num_coils", "4,8", "--matrix", "32x16"]) == \
+        make_synthetic_data.parse_args([*base, "--num_coils", "4", "8", "--matrix", "32x16"])
+    assert make_synthetic_data.parse_args([*base, "--num_coils", "4,8"]).num_coils == (4, 8)
+    assert make_metadata_stats.parse_args(["a.csv", "--output_dir", "d"]).output == Path("d/metadata_stats.json")
+    assert make_metadata_stats.parse_args(["a.csv"]).output == Path("metadata_stats.json")
+    code, err = _exit_code(make_metadata_stats.parse_args, ["a.csv", "--output", "x", "--output_dir", "d"],
+                           capsys=capsys)
+    assert code == 2 and "not both" in err
+
+
+def test_preprocessing_aliases_give_the_same_settings():
+    import pre_process_cmrx
+    import pre_processing_final
+
+    ref = pre_processing_final.parse_args(["--input_dir", "i", "--output_root", "o", "--crop_size", "32"])
+    assert pre_processing_final.parse_args(["--input_dir", "i", "--output_dir", "o", "--resolution", "32"]) == ref
+    assert isinstance(ref.output_root, Path)
+    ref = pre_process_cmrx.parse_args(["--input_dir", "i", "--output_dir", "o", "--views", "sax", "lax"])
+    assert pre_process_cmrx.parse_args(["--input_dir", "i", "--output_root", "o", "--views", "sax,lax"]) == ref

@@ -180,10 +180,11 @@ class _ListAction(argparse.Action):
     """Collects space- and comma-separated values into one flat list (a repeated flag: the last one wins)."""
 
     def __init__(self, *args: Any, convert: Callable[[str], Any], allowed: tuple | None, split: bool = True,
-                 **kwargs: Any) -> None:
+                 as_tuple: bool = False, **kwargs: Any) -> None:
         self.convert = convert
         self.allowed = allowed
         self.split = split
+        self.as_tuple = as_tuple
         super().__init__(*args, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
@@ -204,7 +205,7 @@ class _ListAction(argparse.Action):
                 out.append(value)
         if not out and self.nargs == "+":
             parser.error(f"argument {option_string or self.dest}: expected at least one value")
-        setattr(namespace, self.dest, out)
+        setattr(namespace, self.dest, tuple(out) if self.as_tuple else out)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -230,15 +231,17 @@ def build_parser(
     parser = argparse.ArgumentParser(prog=prog, description=description or cls.__doc__,
                                      formatter_class=_HelpFormatter)
     parser.add_argument(CONFIG_FLAG, metavar="FILE", default=None,
-                        help=config_help or "JSON of these settings (e.g. a run's saved run_config.json or "
-                        "settings.json); options given on the command line override it")
+                        help=(config_help or "JSON object of these options (e.g. saved by an earlier run, or "
+                              "written by hand); options given on the command line override it") + " (default: none)")
     titles = dict(group_titles or {})
     groups: dict[str | None, Any] = {None: parser}
     used = {f.metadata.get("group") for f in dataclasses.fields(cls)}
-    for name, title in titles.items():  # sections in the order of group_titles, then any others
-        if name in used:
+    for name, title in titles.items():  # sections in the order of group_titles (None: the main section), then others
+        if name in used and name is not None:
             groups[name] = parser.add_argument_group(title)
-    for f in dataclasses.fields(cls):
+    order = {name: i for i, name in enumerate(titles)}
+    ordered = sorted(dataclasses.fields(cls), key=lambda f: order.get(f.metadata.get("group"), len(order)))
+    for f in ordered:  # options in the order of their sections (a subclass's fields come after its bases')
         if not f.init:
             continue
         meta = f.metadata
@@ -269,7 +272,7 @@ def build_parser(
             convert = (lambda text, k=kind, fl=f: _convert_token(k, fl, text))
             nargs = "*" if meta.get("allow_empty") or meta.get("positional") else "+"
             kwargs = dict(action=_ListAction, nargs=nargs, convert=convert, allowed=choices,
-                          split=meta.get("split_commas", True), default=shown,
+                          split=meta.get("split_commas", True), as_tuple=kind.as_tuple, default=shown,
                           help=help_text, metavar=meta.get("metavar") or f.name.upper().rstrip("S"))
             if meta.get("positional"):
                 target.add_argument(f.name, **kwargs)
@@ -412,10 +415,14 @@ def read_config_file(cls: type, path: str | Path) -> dict[str, Any]:
     return out
 
 
-def _exit(parser: argparse.ArgumentParser, message: str) -> typing.NoReturn:
-    """One ``error:`` line and exit status 2 (``parser.error`` would print the whole usage first)."""
-    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+def fail(prog: str, message: str) -> typing.NoReturn:
+    """A bad argument: one ``{prog}: error: ...`` line on stderr and exit status 2 (no usage dump, no traceback)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def _exit(parser: argparse.ArgumentParser, message: str) -> typing.NoReturn:
+    fail(parser.prog, message)
 
 
 def _explicit(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from models.loading import DEFAULT_MODEL_TYPE, DEFAULT_TEXT_ENCODER, EXPORT_ITEMS, RUN_CONFIG_NAME
+from utils.recon_options import RECON_SAMPLERS, SAMPLER_DEFAULTS, reconstructor_kwargs
 from utils.samplers import DiffusionSchedule, SamplerStats, dds_sample, dps_sample, make_cfg_eps_fn
 
 
@@ -23,7 +24,8 @@ class DiffusionReconstructor:
         conditioner: :class:`models.conditioning.ConditionBuilder`.
         schedule: the diffusion schedule (``alphas_cumprod``) the model was trained with.
         sampler: ``"dds"`` or ``"dps"``.
-        num_steps, eta, gamma, cg_iter: DDS settings (defaults 100, 0.8, 5, 5, as the reference). ``eta`` is the
+        num_steps, eta, gamma, cg_iter: DDS settings (defaults: :data:`utils.recon_options.SAMPLER_DEFAULTS`, the
+            reference's 100, 0.8, 5, 5). ``eta`` is the
             DDIM η of DPS's update too (the DPS paper's ancestral sampler is ``eta=1``).
         dps_step: DPS step size ζ'.
         guidance_scale: CFG scale ``w`` (``w <= 1``: conditional only).
@@ -45,19 +47,19 @@ class DiffusionReconstructor:
         unet: torch.nn.Module,
         conditioner: torch.nn.Module,
         schedule: DiffusionSchedule,
-        sampler: str = "dds",
-        num_steps: int = 100,
-        eta: float = 0.8,
-        gamma: float = 5.0,
-        cg_iter: int = 5,
-        dps_step: float = 1.0,
-        guidance_scale: float = 1.0,
+        sampler: str = SAMPLER_DEFAULTS.sampler,
+        num_steps: int = SAMPLER_DEFAULTS.num_steps,
+        eta: float = SAMPLER_DEFAULTS.eta,
+        gamma: float = SAMPLER_DEFAULTS.gamma,
+        cg_iter: int = SAMPLER_DEFAULTS.cg_iter,
+        dps_step: float = SAMPLER_DEFAULTS.dps_step,
+        guidance_scale: float = SAMPLER_DEFAULTS.guidance_scale,
         drop_metadata_keys: Sequence[str] | None = None,
-        uncond_drop_keys: Sequence[str] | None = None,
+        uncond_drop_keys: Sequence[str] | None = SAMPLER_DEFAULTS.uncond_drop_keys,
         autocast_dtype: torch.dtype | None = None,
-        clip_x0: float | None = None,
+        clip_x0: float | None = SAMPLER_DEFAULTS.clip_x0,
     ) -> None:
-        if sampler not in ("dds", "dps"):
+        if sampler not in RECON_SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}")
         self.unet = unet.eval()
         self.conditioner = conditioner.eval()
@@ -400,9 +402,5 @@ def reconstructor_from_args(plan: ModelPlan, args: Any, device: torch.device | s
     unet, conditioner, schedule = load_reconstruction_model(
         plan.base, plan.model_type, plan.finetune_folder, args.enable_condition_emb, plan.metadata_stats, device=device,
     )
-    return DiffusionReconstructor(
-        unet, conditioner, schedule, sampler=args.sampler, num_steps=args.num_steps, eta=args.eta, gamma=args.gamma,
-        cg_iter=args.cg_iter, dps_step=args.dps_step, guidance_scale=args.guidance_scale,
-        drop_metadata_keys=args.drop_metadata_keys, uncond_drop_keys=args.uncond_drop_keys,
-        autocast_dtype=AUTOCAST_DTYPES[args.mixed_precision], clip_x0=args.clip_x0,
-    )
+    return DiffusionReconstructor(unet, conditioner, schedule, **reconstructor_kwargs(args),
+                                  autocast_dtype=AUTOCAST_DTYPES[args.mixed_precision])

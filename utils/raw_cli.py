@@ -7,41 +7,44 @@ unreadable input files (one line, no traceback).
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from utils.cli import option
+from utils.recon_options import sampler_values
 
 
-def add_raw_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--raw_dir`` options (every other option is shared with the ``--data_root`` mode)."""
-    g = parser.add_argument_group("raw acquisitions (--raw_dir, instead of --data_root)")
-    g.add_argument("--raw_dir", default=None,
-                   help="fastMRI multi-coil h5 file or folder of them: validation files (full k-space, undersampled "
-                        "with --mask_type/--acc_factor) or test/challenge files (their own mask is used)")
-    g.add_argument("--metadata_csv", default=None,
-                   help="CSV (filename, slice, any metadata column) overriding/adding the header's values per slice")
-    g.add_argument("--gamma_rule", default="fixed", choices=["fixed", "noise"],
-                   help="DDS γ: --gamma as is, or lowered per slice from the estimated noise σ "
-                        "(1/γ_eff = 1/γ + 2σ²/s², docs/raw_reconstruction.md)")
-    g.add_argument("--prior_error_std", type=float, default=0.1, help="s of the 'noise' γ rule")
-    g.add_argument("--outside", default="lsq", choices=["lsq", "zero"],
-                   help="the field of view outside the prior's window: regularised least squares, or empty")
+@dataclass
+class RawOptions:
+    """The ``--raw_dir`` options (every other option of ``recon_complex_multi.py`` is shared with ``--data_root``)."""
+
+    raw_dir: str | None = option(
+        None, "fastMRI multi-coil h5 file or folder of them: validation files (full k-space, undersampled with "
+        "--mask_type/--acc_factor) or test/challenge files (their own mask is used)", group="raw",
+        default_text="none: --data_root mode")
+    metadata_csv: str | None = option(
+        None, "CSV (filename, slice, any metadata column) overriding/adding the header's values per slice", group="raw")
+    gamma_rule: str = option("fixed", "DDS γ: --gamma as is, or lowered per slice from the estimated noise σ "
+                             "(1/γ_eff = 1/γ + 2σ²/s², docs/raw_reconstruction.md)", choices=("fixed", "noise"),
+                             group="raw")
+    prior_error_std: float = option(0.1, "s of the 'noise' γ rule (the prior's error, on the normalised scale)",
+                                    group="raw")
+    outside: str = option("lsq", "the field of view outside the prior's window: regularised least squares, or empty",
+                          choices=("lsq", "zero"), group="raw")
 
 
-def explicit_flags(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None) -> set[str]:
-    """The destinations the user actually typed (a second parse with every default suppressed)."""
-    p = build_parser()
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-        action.required = False
-    ns, _ = p.parse_known_args(argv)
-    return set(vars(ns))
+def raw_main(args: Any, given: Collection[str], prog: str) -> int:
+    """Run a ``--raw_dir`` reconstruction from the parsed command line ``args``; returns the exit status.
 
-
-def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Callable[[], argparse.ArgumentParser],
-             prog: str) -> int:
-    """Run a ``--raw_dir`` reconstruction from parsed arguments; returns the exit status."""
+    Args:
+        args: the parsed options of ``recon_complex_multi.py``.
+        given: the option names the command line (or its ``--config`` file) set explicitly: ``--mask_type`` /
+            ``--acc_factor`` left at their defaults mean "each test file's own mask".
+        prog: the script name for messages.
+    """
     def fail(message: str, code: int = 2) -> int:
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         return code
@@ -55,7 +58,6 @@ def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Cal
     state = PartialState(cpu=multi_process_cpu_launch())
     if args.data_root is not None:
         return fail("give --raw_dir or --data_root, not both")
-    given = explicit_flags(build_parser, argv)
     try:
         files = list_raw_files(args.raw_dir)
         overrides = load_metadata_overrides(args.metadata_csv) if args.metadata_csv else None
@@ -90,13 +92,10 @@ def raw_main(args: argparse.Namespace, argv: list[str] | None, build_parser: Cal
             return fail("--enable_condition_emb needs --metadata_stats")
     try:
         settings = RawReconSettings(
-            method=args.method, sampler=args.sampler, mask_type=mask_type, acc_factor=acc,
-            center_fraction=args.center_fraction, num_steps=args.num_steps, eta=args.eta, gamma=args.gamma,
-            gamma_rule=args.gamma_rule, prior_error_std=args.prior_error_std, cg_iter=args.cg_iter,
-            dps_step=args.dps_step, guidance_scale=args.guidance_scale, clip_x0=args.clip_x0,
-            drop_metadata_keys=list(args.drop_metadata_keys), uncond_drop_keys=args.uncond_drop_keys,
-            num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, cs_lambda=args.cs_lambda,
-            cs_iter=args.cs_iter, outside=args.outside, mixed_precision=args.mixed_precision, tag=args.tag,
+            **sampler_values(args), method=args.method, mask_type=mask_type, acc_factor=acc,
+            center_fraction=args.center_fraction, gamma_rule=args.gamma_rule, prior_error_std=args.prior_error_std,
+            num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, outside=args.outside,
+            mixed_precision=args.mixed_precision, tag=args.tag,
             image_size=None if plan is None or not plan.train_size else (plan.train_size, plan.train_size),
         )  # fmt: skip
         validate_volumes(volumes, settings, test_mask_type=args.mask_type if "mask_type" in given else None,

@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch
 
 from utils.files import atomic_write_bytes, sha256_json, tmp_name, write_json
 from utils.masks import seed_from_name
+from utils.recon_options import SamplerSettings
 from utils.raw_data import (
     RawVolume,
     check_test_flags,
@@ -56,8 +57,8 @@ METHODS = ("zero_filled", "cs", "diffusion")
 
 
 @dataclass
-class RawReconSettings:
-    """Everything that defines a ``--raw_dir`` run.
+class RawReconSettings(SamplerSettings):
+    """Everything that defines a ``--raw_dir`` run (the sampler's settings and defaults: the base class).
 
     ``mask_type``/``acc_factor`` are needed for validation files (full k-space) and must be ``None`` or agree with a
     test file's own mask. ``image_size`` is the prior's ``(h, w)`` (``None``: each file's target size).
@@ -70,26 +71,14 @@ class RawReconSettings:
     """
 
     method: str = "zero_filled"
-    sampler: str = "dds"
     mask_type: str | None = None
     acc_factor: float | None = None
     center_fraction: float | None = None
-    num_steps: int = 100
-    eta: float = 0.8
-    gamma: float = 5.0
     gamma_rule: str = "fixed"
     prior_error_std: float = 0.1
-    cg_iter: int = 5
-    dps_step: float = 1.0
-    guidance_scale: float = 1.0
-    clip_x0: float | None = None
-    drop_metadata_keys: list[str] = field(default_factory=list)
-    uncond_drop_keys: list[str] | None = None
     num_samples: int = 1
     seed: int = 0
     batch_size: int = 1
-    cs_lambda: float = 0.005
-    cs_iter: int = 100
     scale_rule: str = "measured"
     outside: str = "lsq"
     outside_lambda: float = 0.05

@@ -50,6 +50,7 @@ import torch
 from utils.files import atomic_save_npy, atomic_write_text, sha256_file, sha256_json, write_json
 from utils.masks import MaskResult, default_center_fraction, get_mask, seed_from_name
 from utils.operators import SenseOperator
+from utils.recon_options import SamplerSettings
 from utils.samplers import ensemble_stats
 
 FINGERPRINT_VERSION = 1
@@ -60,35 +61,25 @@ RESULT_ENTRIES = ("rows", "recon", "std", "png", "summary.json", "summary.csv", 
 
 
 @dataclass
-class ReconSettings:
+class ReconSettings(SamplerSettings):
     """Everything that defines a reconstruction run (written to ``settings.json`` when the folder is created).
 
-    Only :func:`result_settings` of these enter the fingerprint; ``batch_size``, ``save_png`` and ``tag`` do not.
+    The sampler's (and the CS baseline's) settings and their defaults are inherited from
+    :class:`utils.recon_options.SamplerSettings`. Only :func:`result_settings` of these enter the fingerprint;
+    ``batch_size``, ``save_png`` and ``tag`` do not.
     """
 
     method: str = "diffusion"  # zero_filled | cs | diffusion
-    sampler: str = "dds"  # dds | dps (diffusion only)
     mask_type: str = "uniform1d"
     acc_factor: float = 4.0
     center_fraction: float | None = None
     noise_sigma: float = 0.0  # complex Gaussian k-space noise std σ (E|n|² = σ²), see the module docstring
-    num_steps: int = 100
-    eta: float = 0.8
-    gamma: float = 5.0
-    cg_iter: int = 5
-    dps_step: float = 1.0
-    guidance_scale: float = 1.0
-    clip_x0: float | None = None
-    drop_metadata_keys: list[str] = field(default_factory=list)
-    uncond_drop_keys: list[str] | None = None  # None: the unconditional branch drops every key
     metadata_override: dict[str, Any] = field(default_factory=dict)  # replace these values in every record
     mismatch_metadata: bool = False  # give each slice the protocol of another contrast (metadata-sensitivity check)
     num_samples: int = 1
     seed: int = 0
     mixed_precision: str = "no"  # network precision of the diffusion model (no | fp16 | bf16)
     batch_size: int = 1
-    cs_lambda: float = 0.005
-    cs_iter: int = 100
     save_png: bool = True
     tag: str | None = None
 
