@@ -218,7 +218,7 @@ class CMRxRawVolume(RawVolume):
             from utils.cmrx_io import MatKspace
 
             with MatKspace(self.path, self.variable) as ks:
-                self._target = np.stack([_rss_numpy(ks.read(*self.item(i))) for i in range(self.num_slices)])
+                self._target = np.stack([_rss_image(ks.read(*self.item(i))) for i in range(self.num_slices)])
         return self._target
 
     # -- the hooks of utils.raw_reconstruction ------------------------------------------------------------------------
@@ -302,7 +302,7 @@ class CMRxRawVolume(RawVolume):
         return np.ascontiguousarray(a.transpose(2, 3, 0, 1))
 
 
-def _rss_numpy(kspace: np.ndarray) -> np.ndarray:
+def _rss_image(kspace: np.ndarray) -> np.ndarray:
     """RSS over coils of the centred orthonormal inverse FFT of ``[C, kx, ky]`` -> float32 ``[kx, ky]``."""
     import torch
 
