@@ -479,10 +479,11 @@ def calibration_noise_sigma(
     """σ (per real/imaginary part) from the null space of the ACS calibration matrix.
 
     The calibration matrix of the fully measured centre (up to ``max_rows`` centre readout rows × the ACS columns,
-    ``kernel_width²`` windows × coils) has a low-rank signal part — the coils see one image, which is what ESPIRiT relies on — so its
-    smallest eigenvalues are noise only, whatever fills the field of view. ``σ² = mean(smallest fraction of the
-    eigenvalues) / the same for a pure-noise block of the same shape with σ = 1``. Needs no readout oversampling and
-    no empty region. Returns ``None`` without an ACS block at least ``kernel_width + 2`` columns wide.
+    ``kernel_width²`` windows × coils) has a low-rank signal part — the coils see one image, what ESPIRiT relies
+    on — so its smallest eigenvalues are noise only, whatever fills the field of view. ``σ² = mean(smallest fraction
+    of the eigenvalues) / the same for a pure-noise block of the same shape with σ = 1``. Needs no readout
+    oversampling and no empty region. Returns ``None`` without an ACS block at least ``kernel_width + 2`` columns
+    wide.
     """
     from utils.raw_data import acs_block
 
