@@ -25,9 +25,7 @@ RECORD = {"anatomy": "brain", "slice": 4.0, "slice_number": 4.0, "contrast": "AX
           "pathology": ["Edema"]}
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

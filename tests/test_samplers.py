@@ -33,14 +33,9 @@ SCHEDULE = DiffusionSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=10
 ACP = SCHEDULE.alphas_cumprod
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one thread is fastest, and it avoids OpenMP spin-waiting, which makes small FFTs and
-    convolutions ~100x slower when the cores are shared with other processes. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# These problems are tiny: one thread is fastest, and it avoids OpenMP spin-waiting, which makes small FFTs and
+# convolutions ~100x slower when the cores are shared with other processes (conftest's fixture restores it afterwards).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

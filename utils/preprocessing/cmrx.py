@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from utils.coils import center_crop_or_pad, normalize_percentile
-from utils.preprocessing.layout import dataset_dir, write_slices
+from utils.preprocessing.layout import SPLITS, dataset_dir, write_slices
 from utils.preprocessing.metadata_csv import CARDIAC_CSV_COLUMNS
 from utils.preprocessing.slices import EspiritParams, SliceOutput, check_kspace, kspace_problem, process_kspace_slice
 from utils.preprocessing.summary import FileReport, RunSummary, finish_run
@@ -65,8 +65,8 @@ class CardiacConfig:
     def __post_init__(self) -> None:
         self.input_dir = Path(self.input_dir)
         self.output_dir = Path(self.output_dir)
-        if self.split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {self.split!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.crop_size <= 0 or self.num_workers < 1:
             raise ValueError("crop_size and num_workers must be positive")
 

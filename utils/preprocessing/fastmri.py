@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from utils.metadata import ACQUISITION_TO_CONTRAST, is_missing
-from utils.preprocessing.layout import dataset_dir, write_slices
+from utils.preprocessing.layout import SPLITS, dataset_dir, write_slices
 from utils.preprocessing.metadata_csv import FASTMRI_CSV_COLUMNS
 from utils.preprocessing.slices import EspiritParams, process_kspace_slice
 from utils.preprocessing.stats import STATS_TRAIN_ONLY
@@ -55,14 +55,17 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         self.input_dir = Path(self.input_dir)
         self.output_root = Path(self.output_root)
-        if self.split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {self.split!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.crop_size <= 0:
             raise ValueError(f"crop_size must be positive, got {self.crop_size}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.write_stats and self.split != "train":
             raise ValueError(STATS_TRAIN_ONLY)
+
+#: The fastMRI anatomies (``--anatomy``); :func:`infer_anatomy` tells them apart by file name.
+FASTMRI_ANATOMIES: tuple[str, ...] = ("brain", "knee")
 
 
 def infer_anatomy(filename: str) -> str:

@@ -19,6 +19,9 @@ from utils.coils import (
     normalize_percentile,
 )
 
+#: ESPIRiT backends of :class:`EspiritParams` (``--espirit_backend``).
+ESPIRIT_BACKENDS: tuple[str, ...] = ("fast", "sigpy")
+
 
 @dataclass(frozen=True)
 class EspiritParams:
@@ -38,8 +41,8 @@ class EspiritParams:
     backend: str = "fast"
 
     def __post_init__(self) -> None:
-        if self.backend not in ("fast", "sigpy"):
-            raise ValueError(f"ESPIRiT backend must be 'fast' or 'sigpy', got {self.backend!r}")
+        if self.backend not in ESPIRIT_BACKENDS:
+            raise ValueError(f"ESPIRiT backend must be one of {ESPIRIT_BACKENDS}, got {self.backend!r}")
         if self.kernel_width > self.calib_width:
             raise ValueError(f"kernel_width {self.kernel_width} exceeds calib_width {self.calib_width}")
 

@@ -15,18 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from utils.metadata import ACQUISITION_TO_CONTRAST
 from utils.simulation.tissue import Acquisition
 
 DEFAULT_ACQUISITION_TABLE = Path(__file__).resolve().parent / "data" / "fastmri_brain_acquisitions.csv"
 
 BRAIN_ACQUISITIONS: tuple[str, ...] = ("AXT1", "AXT1PRE", "AXT1POST", "AXT2", "AXFLAIR")
-CONTRAST_OF: dict[str, str] = {
-    "AXT1": "T1",
-    "AXT1PRE": "T1 pre-contrast",
-    "AXT1POST": "T1 post-contrast",
-    "AXT2": "T2",
-    "AXFLAIR": "FLAIR",
-}
 _PROTOCOL_NAME: dict[str, str] = {
     "AXT1": "AX T1",
     "AXT1PRE": "AX T1 PRE",
@@ -163,7 +157,7 @@ def sample_protocol(
     ti = None if pd.isna(row["TI"]) else float(row["TI"])
     acq = Acquisition(
         acquisition=label,
-        contrast=CONTRAST_OF.get(label, str(row["contrast"])),
+        contrast=ACQUISITION_TO_CONTRAST.get(label, str(row["contrast"])),
         sequence=sequence,
         tr=float(row["TR"]),
         te=float(row["TE"]),

@@ -336,7 +336,7 @@ def check_config(config: TrainConfig) -> None:
         problems.append("--dataloader_num_workers, --validation_steps and --lr_warmup_steps must be >= 0")
     if config.resume_from_checkpoint not in (None, "latest") and not Path(config.resume_from_checkpoint).is_dir():
         problems.append(f"--resume_from_checkpoint {config.resume_from_checkpoint}: no such folder (or use 'latest')")
-    if isinstance(config, OODTrainConfig) and config.use_ood:
+    if config.is_ood:
         if not config.mri_metadata_dir_cardio:
             problems.append("--use_ood needs --mri_metadata_dir_cardio")
         if config.ood_ratio is not None and not 0.0 < config.ood_ratio < 1.0:

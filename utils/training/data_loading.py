@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from utils.metadata import MULTI_LABEL_COLUMNS, is_missing, load_metadata_csv, parse_pathology
-from utils.training.config import ConfigError, OODTrainConfig, TrainConfig
+from utils.preprocessing.fastmri import FASTMRI_ANATOMIES
+from utils.training.config import ConfigError, TrainConfig
 from utils.training.data_order import MixtureSampler, TaggedConcatDataset, mixture_sources
 
 logger = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def build_training_data(config: TrainConfig, stats: Mapping[str, Any] | None = N
         names = ["+".join(names)]
     ratios.append(None)
     ood_sources: list[int] = []
-    if isinstance(config, OODTrainConfig) and config.use_ood:
+    if config.is_ood:
         root = config.cardio_data_root or config.data_root
         flag = "--mri_metadata_dir_cardio"
         datasets.append(_make_dataset(root, config.mri_metadata_dir_cardio, "train", config.resolution, False, flag,
@@ -215,7 +216,7 @@ def build_training_data(config: TrainConfig, stats: Mapping[str, Any] | None = N
 
 def _validation_items(config: TrainConfig) -> list:
     csvs = {}
-    for anatomy in ("brain", "knee"):
+    for anatomy in FASTMRI_ANATOMIES:
         given = getattr(config, f"validation_metadata_{anatomy}")
         default = Path(config.data_root) / f"metadata_{anatomy}_val.csv"
         if given:
