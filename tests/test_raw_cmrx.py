@@ -200,6 +200,12 @@ def test_script_2024_layouts_kt_masks_and_refusals(cmrx, tmp_path, capsys) -> No
     rc = recon_complex_multi.main(["--raw_dir", str(wrong), "--method", "zero_filled", "--save_dir", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "does not belong" in err and len(err.splitlines()) == 1, err
+    bad = tmp_path / "bad" / "P001"
+    bad.mkdir(parents=True)
+    (bad / "cine_sax.mat").write_bytes(b"MATLAB 7.3 MAT-file, truncated")
+    rc = recon_complex_multi.main(["--raw_dir", str(bad.parent), "--method", "zero_filled", "--save_dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "cine_sax.mat" in err and len(err.splitlines()) == 1, err
 
 
 def test_maps_depend_only_on_the_acs_lines(cmrx) -> None:
