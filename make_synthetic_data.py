@@ -12,8 +12,8 @@ Examples:
     python make_synthetic_data.py --format cmrx --layout 2024 --output_dir data/cmrx --num_volumes 2 --num_frames 12
 """
 
-from __future__ import annotations
-
+# no ``from __future__ import annotations``: the options dataclass must also build when the script is loaded
+# from its file without a sys.modules entry (tests/test_matlab_io.py does so)
 import argparse
 import sys
 import time

@@ -53,8 +53,9 @@ def test_defaults_types_and_required(capsys):
     assert s.bands == [0, 100] and s.bands is not _Settings(input_dir=Path("x")).bands  # lists are not shared
     code, err = _exit_code(cli.parse, _Settings, [], capsys=capsys)
     assert code == 2 and "--input_dir" in err and len(err.strip().splitlines()) == 1
-    code, err = _exit_code(cli.parse, _Settings, ["--input_dir", "in", "--resolution", "abc"], capsys=capsys)
-    assert code == 2 and "--resolution" in err
+    for bad in (["--resolution", "abc"], ["--no_such_flag"]):
+        code, err = _exit_code(cli.parse, _Settings, ["--input_dir", "in", *bad], capsys=capsys)
+        assert code == 2 and bad[0] in err and len(err.strip().splitlines()) == 1, err  # one line, no usage block
 
 
 def test_space_and_comma_lists_are_equal():

@@ -26,7 +26,8 @@ What every such command line does:
   (:data:`RECORDED_KEYS`, plus a dataclass's own ``CONFIG_RECORDED_KEYS``), which are ignored. A dataclass may
   translate the keys of its saved files with a ``config_from_saved(data) -> data`` classmethod (e.g. a saved
   ``save_png: true`` is the flag ``--no_png`` absent).
-- Bad values (wrong type, not a choice, missing required option) exit with status 2 and one ``error:`` line.
+- Bad values (unknown flag, wrong type, not a choice, missing required option, unusable ``--config`` file) exit with
+  status 2 and one ``{prog}: error: ...`` line (no usage block, no traceback).
 
 A flag (a ``bool`` field, default ``False``) set to ``true`` in a ``--config`` file cannot be switched off on the
 command line: edit the file. Arguments added to the parser by hand (``add_argument`` on the result of
@@ -208,6 +209,13 @@ class _ListAction(argparse.Action):
         setattr(namespace, self.dest, tuple(out) if self.as_tuple else out)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``{prog}: error: ... (see --help)`` and exit status 2, no usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        fail(self.prog, f"{message} (see --help)")
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the script docstring's layout; the defaults are written into each help line by :func:`build_parser`."""
 
@@ -228,8 +236,7 @@ def build_parser(
     ``parser.parse_args([])`` gives the fields' defaults (``None`` for a required one, which :func:`parse` refuses);
     ``--help`` states each default in the help line.
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description or cls.__doc__,
-                                     formatter_class=_HelpFormatter)
+    parser = _Parser(prog=prog, description=description or cls.__doc__, formatter_class=_HelpFormatter)
     parser.add_argument(CONFIG_FLAG, metavar="FILE", default=None,
                         help=(config_help or "JSON object of these options (e.g. saved by an earlier run, or "
                               "written by hand); options given on the command line override it") + " (default: none)")
