@@ -675,3 +675,58 @@ def test_diffusion_reconstructor_passes_eta_and_clip_x0_to_dps():
         assert _rel(out[(eta, clip)], direct) < 1e-5
     assert _rel(out[(0.0, None)], out[(1.0, None)]) > 0.01
     assert _rel(out[(1.0, 0.1)], out[(1.0, None)]) > 0.01
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DPS step from the noise level σ
+
+
+def test_dps_step_follows_sigma_as_the_rule_says():
+    """One DPS step from the same x_T: the correction x̂₀ − x is ζ' g without σ and ζ' w_t g with σ, where
+    w_t = v_t/(v_t + 2σ²), v_t = s² + 2(1 − ᾱ_t); so the ratio of the corrections is w_t, per sample, and it is 1
+    at σ = 0, near 1 early in the schedule and near s²/(s² + 2σ²) at the end."""
+    from utils.samplers import dps_noise_weight
+
+    op, y, _ = _problem(b=2, seed=12)
+    eps_fn = gaussian_prior_eps_fn()
+    sigma, s = torch.tensor([0.0, 0.05]), 0.1
+    weights = {}
+    for t in (900, 0):
+        x_T = randn_images(make_generators([3, 4]), (16, 16), torch.complex64, torch.device("cpu"))
+        seen = []
+        plain = dps_sample(eps_fn, op, y, ACP, timesteps=[t], step_size=0.7, eta=0.0, x_T=x_T,
+                           callback=lambda i, t_, x_t, x0_hat: seen.append(x0_hat))
+        aware = dps_sample(eps_fn, op, y, ACP, timesteps=[t], step_size=0.7, eta=0.0, x_T=x_T, noise_sigma=sigma,
+                           prior_error_std=s)
+        x0_hat = seen[0]
+        for b in range(2):
+            ratio = float((x0_hat[b] - aware[b]).abs().sum() / (x0_hat[b] - plain[b]).abs().sum())
+            expected = float(dps_noise_weight(float(ACP[t]), float(sigma[b]), s))
+            assert ratio == pytest.approx(expected, rel=1e-4), (t, b)
+        weights[t] = expected
+    assert weights[900] > 0.99 and weights[0] < 0.9
+    assert weights[0] == pytest.approx(s**2 / (s**2 + 2 * 0.05**2), rel=0.05)
+    assert dps_noise_weight(0.5, 0.0) == 1.0
+
+
+def test_dps_with_sigma_beats_zero_filling_on_a_noisy_measurement():
+    """A denoiser that knows the truth up to a Gaussian uncertainty (std 0.3), a noisy 2.5x measurement (σ = 0.2
+    per part): DPS with the σ-aware step is far closer to the truth than zero-filling, and σ = 0 is the plain run."""
+    op, y, x0 = _problem(b=2, seed=10)
+    sigma, std = 0.2, 0.3
+    g = torch.Generator().manual_seed(10)
+    y = y + op.mask * torch.complex(torch.randn(y.shape, generator=g), torch.randn(y.shape, generator=g)) * sigma
+    m = complex_to_channels(x0)
+
+    def informed_eps(x_t, t):
+        a = _acp_at(t, x_t)
+        x0_hat = m + a.sqrt() * std**2 / (a * std**2 + 1 - a) * (x_t - a.sqrt() * m)
+        return (x_t - a.sqrt() * x0_hat) / (1 - a).sqrt()
+
+    aware = dps_sample(informed_eps, op, y, ACP, num_steps=20, step_size=2.0, generators=make_generators([0, 1]),
+                       noise_sigma=sigma, prior_error_std=std)
+    assert _rel(aware, x0) < 0.5 * _rel(op.adjoint(y), x0)
+    plain = dps_sample(informed_eps, op, y, ACP, num_steps=20, step_size=2.0, generators=make_generators([0, 1]))
+    zero = dps_sample(informed_eps, op, y, ACP, num_steps=20, step_size=2.0, generators=make_generators([0, 1]),
+                      noise_sigma=0.0)
+    assert torch.equal(plain, zero) and not torch.equal(plain, aware)

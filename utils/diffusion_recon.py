@@ -13,6 +13,7 @@ import torch
 from models.loading import DEFAULT_MODEL_TYPE, DEFAULT_TEXT_ENCODER, EXPORT_ITEMS, RUN_CONFIG_NAME
 from utils.recon_options import RECON_SAMPLERS, SAMPLER_DEFAULTS, reconstructor_kwargs
 from utils.samplers import DiffusionSchedule, SamplerStats, dds_sample, dps_sample, make_cfg_eps_fn
+from utils.samplers.dps import PRIOR_ERROR_STD
 
 
 class DiffusionReconstructor:
@@ -104,7 +105,24 @@ class DiffusionReconstructor:
         records: Sequence[Mapping[str, Any]],
         prompts: Sequence[str],
         generators: Sequence[torch.Generator],
+        noise_sigma: float | torch.Tensor | None = None,
+        prior_error_std: float = PRIOR_ERROR_STD,
     ) -> tuple[torch.Tensor, int]:
+        """Reconstruct a batch.
+
+        Args:
+            y: measured k-space ``[B, C, H, W]`` complex (on the prior's normalised scale).
+            op: the forward model of the batch.
+            records, prompts: ``B`` metadata records and prompts.
+            generators: one generator per slice.
+            noise_sigma: the measurement's noise σ per real/imaginary part on ``y``'s scale (scalar or ``[B]``), when
+                known: DPS's step then follows it (:func:`utils.samplers.dps_noise_weight`); DDS ignores it (its γ
+                rule is the caller's, :func:`utils.raw_data.noise_aware_gamma`).
+            prior_error_std: s of DPS's σ-aware step.
+
+        Returns:
+            ``(x, nfe)``: complex ``[B, H, W]`` and network evaluations per slice.
+        """
         cond, uncond = self.condition(records, prompts)
         eps_fn = make_cfg_eps_fn(self.unet, cond, uncond, self.guidance_scale, autocast_dtype=self.autocast_dtype,
                                  alphas_cumprod=self.schedule)
@@ -117,7 +135,8 @@ class DiffusionReconstructor:
         else:
             x = dps_sample(
                 eps_fn, op, y, self.schedule, num_steps=self.num_steps, step_size=self.dps_step, eta=self.eta,
-                generators=list(generators), stats=stats, clip_x0=self.clip_x0,
+                generators=list(generators), stats=stats, clip_x0=self.clip_x0, noise_sigma=noise_sigma,
+                prior_error_std=prior_error_std,
             )
         return x, stats.nfe
 

@@ -377,6 +377,9 @@ def _diffusion_batch(vol, idxs, meas, maps, scales, sigmas, prior_shape, s: RawR
     else:
         gammas = [float(s.gamma)] * len(idxs)
     gamma_t = torch.tensor(gammas, dtype=torch.float32, device=device)
+    # DPS's step follows the estimated σ (utils.samplers.dps_noise_weight); DDS's γ follows it through gamma_rule.
+    dps_noise = ({"noise_sigma": torch.tensor(sig_n, dtype=torch.float32, device=device),
+                  "prior_error_std": s.prior_error_std} if s.sampler == "dps" else {})
     records = [vol.records[i] for i in idxs]
     from utils.metadata import build_prompt
 
@@ -391,7 +394,7 @@ def _diffusion_batch(vol, idxs, meas, maps, scales, sigmas, prior_shape, s: RawR
             for idx in idxs
         ]
         with _diffusion_gamma(diffusion, gamma_t if s.gamma_rule == "noise" else float(s.gamma)):
-            x, n = diffusion(yp, op, records, prompts, gens)
+            x, n = diffusion(yp, op, records, prompts, gens, **dps_noise)
         samples.append(x)
         nfe += n
     mean, std = ensemble_stats(torch.stack(samples), std="complex")

@@ -605,11 +605,43 @@ def _write_failed_input_row(out: Path, item: Any, settings: ReconSettings, reaso
     write_json(row_path(out, item.filename, item.slice_idx), row)
 
 
-def _reconstruct_group(group, settings, out, diffusion, device, slice_metrics) -> None:
-    t0 = time.perf_counter()
+@dataclass
+class SliceReconstruction:
+    """What :func:`measure_and_reconstruct` returns for a batch of slices.
+
+    Attributes:
+        measurement: the simulated acquisition (ground truth, maps, masks, operator, ``y``).
+        zero_filled: Aᴴy, complex ``[B, H, W]``.
+        recon: the reconstruction (the ensemble's complex mean), complex ``[B, H, W]``.
+        std: the ensemble's per-pixel spread ``[B, H, W]`` (diffusion only; zeros for one sample), else None.
+        nfe: network evaluations per slice (0 without a network).
+    """
+
+    measurement: Measurement
+    zero_filled: torch.Tensor
+    recon: torch.Tensor
+    std: torch.Tensor | None
+    nfe: int
+
+
+def measure_and_reconstruct(
+    group: Sequence, settings: ReconSettings, diffusion: Callable[..., tuple[torch.Tensor, int]] | None = None,
+    device: torch.device | str = "cpu",
+) -> SliceReconstruction:
+    """Simulate the measurement of a batch of slices and reconstruct it with ``settings.method``: the one per-slice
+    pipeline (mask -> operator -> ``y`` -> sampler) that :func:`run_reconstruction` and training validation share.
+
+    Args:
+        group: items with ``.image [2, H, W]``, ``.maps [C, H, W]`` (one coil count), ``.filename``, ``.slice_idx``,
+            ``.record``, ``.prompt``.
+        settings: mask family, R, noise, method and sampler settings, ensemble size and seed.
+        diffusion: for ``method="diffusion"``, ``diffusion(y, op, records, prompts, generators) -> (x, nfe)``; it
+            also gets ``noise_sigma`` (σ per real/imaginary part, ``settings.noise_sigma / √2``) for DPS on noisy
+            measurements. Ensemble member ``k`` of a slice is seeded from (file, slice) and ``settings.seed + k``.
+        device: where the work runs.
+    """
     meas = simulate_measurement(group, settings, device)
-    x_true, maps, masks, mask, op, y = meas.x_true, meas.maps, meas.masks, meas.mask, meas.op, meas.y
-    h, w = x_true.shape[-2:]
+    y, op = meas.y, meas.op
     zero_filled = op.adjoint(y)
     std = None
     nfe = 0
@@ -617,7 +649,8 @@ def _reconstruct_group(group, settings, out, diffusion, device, slice_metrics) -
         recon = zero_filled
     elif settings.method == "cs":
         recon = torch.stack([
-            cs_l1_wavelet(y[b], maps[b], mask[b, 0], settings.cs_lambda, settings.cs_iter) for b in range(len(group))
+            cs_l1_wavelet(y[b], meas.maps[b], meas.mask[b, 0], settings.cs_lambda, settings.cs_iter)
+            for b in range(len(group))
         ])
     else:
         from utils.metadata import build_prompt, mismatched_record
@@ -628,6 +661,9 @@ def _reconstruct_group(group, settings, out, diffusion, device, slice_metrics) -
         prompts = [item.prompt for item in group]
         if settings.metadata_override or settings.mismatch_metadata:
             prompts = [build_prompt(r) for r in records]
+        # DPS's step follows the noise when there is some (σ per real/imaginary part); DDS keeps its γ.
+        noise = ({"noise_sigma": settings.noise_sigma / math.sqrt(2.0)}
+                 if settings.sampler == "dps" and settings.noise_sigma > 0 else {})
         samples = []
         for k in range(settings.num_samples):
             gens = [
@@ -636,11 +672,20 @@ def _reconstruct_group(group, settings, out, diffusion, device, slice_metrics) -
                 )
                 for item in group
             ]
-            sample, n = diffusion(y, op, records, prompts, gens)
+            sample, n = diffusion(y, op, records, prompts, gens, **noise)
             samples.append(sample)
             nfe += n
         # Ensemble: the complex mean is scored; std = sqrt(mean |x_n - mean|^2) per pixel (zero for one sample).
         recon, std = ensemble_stats(torch.stack(samples), std="complex")
+    return SliceReconstruction(meas, zero_filled, recon, std, nfe)
+
+
+def _reconstruct_group(group, settings, out, diffusion, device, slice_metrics) -> None:
+    t0 = time.perf_counter()
+    result = measure_and_reconstruct(group, settings, diffusion, device)
+    meas, zero_filled, recon, std, nfe = result.measurement, result.zero_filled, result.recon, result.std, result.nfe
+    x_true, masks, mask = meas.x_true, meas.masks, meas.mask
+    h, w = x_true.shape[-2:]
     elapsed = (time.perf_counter() - t0) / len(group)
     for b, item in enumerate(group):
         rel = Path(item.filename) / f"{item.slice_idx:03d}"

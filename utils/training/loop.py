@@ -46,7 +46,7 @@ from utils.training.checkpointing import (
     resolve_resume_checkpoint,
     write_checkpoint_config,
 )
-from utils.training.config import ConfigError, NonFiniteLossError, TrainConfig
+from utils.training.config import ConfigError, NonFiniteLossError, OODTrainConfig, TrainConfig
 from utils.training.data_loading import TrainBatch, build_training_data, make_dataloader, updates_per_epoch
 from utils.training.diffusion import PREDICTION_TYPES, add_noise, prediction_target, sample_timesteps, step_generator
 from utils.training.ema import EMA
@@ -306,7 +306,7 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"the scheduler predicts {prediction_type!r}; training supports {PREDICTION_TYPES}")
     num_t = int(scheduler.config.num_train_timesteps)
-    is_ood = config.is_ood
+    is_ood = isinstance(config, OODTrainConfig) and config.use_ood
     if is_ood and not 0 <= config.ood_t_min < num_t:
         raise ConfigError(f"--ood_t_min {config.ood_t_min} must lie in [0, {num_t})")
     if config.dry_run:
@@ -466,7 +466,7 @@ def _validate(accelerator, config, unwrapped, ema, params, items, alphas_cumprod
     """Reconstruct the validation slices on the main process (EMA weights swapped in if any) and log them."""
     from contextlib import nullcontext
 
-    from utils.training.validation import run_validation, save_grid_png
+    from utils.training.validation import run_validation, save_validation_figure
 
     if accelerator.is_main_process and items:
         with ema.averaged(params) if ema is not None else nullcontext():
@@ -480,7 +480,8 @@ def _validate(accelerator, config, unwrapped, ema, params, items, alphas_cumprod
         accelerator.print(f"step {step} validation (fastMRI protocol, per slice): "
                           + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
         if result.grid is not None:
-            save_grid_png(result.grid, Path(config.output_dir) / "validation" / f"step-{step:07d}.png")
+            save_validation_figure(result, Path(config.output_dir) / "validation" / f"step-{step:07d}.png",
+                                   title=f"step {step}, {config.validation_mask_type} x{config.validation_acc_factor:g}")
             if config.report_to in ("tensorboard", "all"):
                 try:
                     writer = accelerator.get_tracker("tensorboard", unwrap=True)
