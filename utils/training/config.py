@@ -130,11 +130,12 @@ class TrainConfig:
                                       "checkpoints, model, logs and validation images and start this run there. "
                                       "Without it such a folder is refused.", group="run")
     validation_steps: int = _opt(0, "Reconstruct validation slices every N optimiser steps (0 = off).", group="run")
-    validation_metadata_brain: str | None = _opt(None, "Brain validation CSV (default: "
-                                                 "{data_root}/metadata_brain_val.csv when validating).", group="run",
-                                                 aliases=("--val_metadata_csv_brain",))
-    validation_metadata_knee: str | None = _opt(None, "Knee validation CSV (default: {data_root}/metadata_knee_val.csv "
-                                                "when validating).", group="run", aliases=("--val_metadata_csv_knee",))
+    validation_metadata_brain: str | None = _opt(None, "Brain validation CSV.", group="run",
+                                                 aliases=("--val_metadata_csv_brain",),
+                                                 default_text="{data_root}/metadata_brain_val.csv when validating")
+    validation_metadata_knee: str | None = _opt(None, "Knee validation CSV.", group="run",
+                                                aliases=("--val_metadata_csv_knee",),
+                                                default_text="{data_root}/metadata_knee_val.csv when validating")
     num_validation_slices: int = _opt(4, "Validation slices reconstructed each time.", group="run")
     validation_inference_steps: int = _opt(20, "DDS steps of the validation reconstructions.", group="run")
     validation_mask_type: str = _opt("uniform1d", "Mask of the validation reconstructions.", group="run")
