@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         write_stats_from_csvs([csv], stats)
         ckpt = None
         if args.text == "clip":
-            from models.testing import make_fake_released_checkpoint
+            from models.tiny_assets import make_fake_released_checkpoint
 
             ckpt = make_fake_released_checkpoint(root / "ckpt", unet_config=args.unet_config)
         total = args.warmup + args.steps

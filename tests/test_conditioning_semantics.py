@@ -15,7 +15,7 @@ import torch
 
 from models.condition_embedder import MetadataConditionEmbedder
 from models.conditioning import ConditionBuilder
-from models.testing import tiny_clip_text_model, write_tiny_clip_tokenizer, write_tiny_t5_folder
+from models.tiny_assets import tiny_clip_text_model, write_tiny_clip_tokenizer, write_tiny_t5_folder
 from models.text_encoders import load_text_conditioner
 from utils.metadata import build_prompt, load_records, parse_pathology_cell, record_from_row
 
@@ -269,7 +269,7 @@ def test_recon_script_per_attribute_guidance_on_a_released_text_model(tmp_path, 
     import numpy as np
 
     import recon_complex_multi
-    from models.testing import make_fake_released_checkpoint
+    from models.tiny_assets import make_fake_released_checkpoint
     from tests.training_helpers import write_tiny_dataset
 
     csv = write_tiny_dataset(tmp_path / "data", "brain", split="val", num_files=1, slices_per_file=1, crop=32,

@@ -291,7 +291,7 @@ def test_shards_run_separately_mark_incomplete_volumes(tiny, tmp_path):
 
 
 def test_lora_run_uses_its_own_base_model_type(tiny, tmp_path, capsys):
-    from models.testing import make_fake_released_checkpoint
+    from models.tiny_assets import make_fake_released_checkpoint
     from models.unet import build_unet
     from utils.diffusion_recon import load_reconstruction_model, resolve_model_plan
 

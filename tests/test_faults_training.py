@@ -198,7 +198,7 @@ def test_flipped_bytes_in_exported_weights_give_one_clear_error(data, tmp_path, 
 
 
 def test_released_checkpoint_with_non_finite_weights_is_refused(tmp_path):
-    from models.testing import make_fake_released_checkpoint
+    from models.tiny_assets import make_fake_released_checkpoint
     from models.unet import load_released_checkpoint
 
     ckpt = make_fake_released_checkpoint(tmp_path / "MRI_checkpoint", model_types=("fastmri",))

@@ -247,7 +247,7 @@ def test_text_model_attributes_are_the_prompt_fields_and_dropping_one_changes_it
     """The released-layout (ContextMRI, CLIP prompt) path of the script: attributes the records lack are skipped, a
     dropped or mismatched field leaves or changes the prompt, so the (untrained) model's loss changes."""
     import metadata_report
-    from models.testing import make_fake_released_checkpoint
+    from models.tiny_assets import make_fake_released_checkpoint
 
     ckpt = make_fake_released_checkpoint(tmp_path / "MRI_checkpoint")
     csv_path = write_te_dataset(tmp_path, "val", 2, 2, seed=5)

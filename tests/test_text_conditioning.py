@@ -7,7 +7,7 @@ import torch
 
 from models.condition_embedder import MetadataConditionEmbedder
 from models.conditioning import ConditionBuilder
-from models.testing import tiny_clip_text_model, write_tiny_clip_tokenizer, write_tiny_t5_folder
+from models.tiny_assets import tiny_clip_text_model, write_tiny_clip_tokenizer, write_tiny_t5_folder
 from models.text_encoders import load_text_conditioner
 
 D = 32

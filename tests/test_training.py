@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny released checkpoint, brain/knee/cardiac train sets, a brain val set and stats files."""
-    from models.testing import make_fake_released_checkpoint
+    from models.tiny_assets import make_fake_released_checkpoint
     from utils.preprocessing.stats import write_stats_from_csvs
 
     root = tmp_path_factory.mktemp("mri")
@@ -261,7 +261,7 @@ def test_two_process_cpu_ddp_smoke(assets, tmp_path):
 
 # ------------------------------------------------------------------------------------------- export/load round trip
 def test_t5_run_exports_what_load_trained_model_restores(assets, tmp_path, one_thread):
-    from models.testing import write_tiny_t5_folder
+    from models.tiny_assets import write_tiny_t5_folder
     from models.loading import load_trained_model
 
     t5 = write_tiny_t5_folder(tmp_path / "t5", d_model=48)  # width 48 != UNet's 32: a trained projection
@@ -284,7 +284,7 @@ def test_t5_run_exports_what_load_trained_model_restores(assets, tmp_path, one_t
 def test_unconditional_and_scratch_text_encoder_runs_export_and_reload(assets, tmp_path, one_thread):
     """The unconditioned baseline (one constant token) and a text baseline whose CLIP encoder trains from scratch:
     the encoder's weights change, are exported with the model, and the reloaded model reproduces the tokens."""
-    from models.testing import tiny_clip_text_model, write_tiny_clip_tokenizer
+    from models.tiny_assets import tiny_clip_text_model, write_tiny_clip_tokenizer
     from models.loading import load_trained_model
 
     scratch = tmp_path / "scratch_text"
@@ -320,7 +320,7 @@ def test_unconditional_and_scratch_text_encoder_runs_export_and_reload(assets, t
 def test_text_encoder_lr_gives_the_encoder_its_own_rate(assets, tmp_path, one_thread):
     """--text_encoder_lr: one AdamW step moves each weight by about its group's rate (Adam normalises the step), so
     the encoder's weights move by ~1e-1 while the UNet's move by ~1e-4; without the flag both move by ~1e-4."""
-    from models.testing import tiny_clip_text_model, write_tiny_clip_tokenizer
+    from models.tiny_assets import tiny_clip_text_model, write_tiny_clip_tokenizer
     from models.loading import load_trained_model
 
     scratch = tmp_path / "scratch_text"

@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from models.condition_embedder import MetadataConditionEmbedder
 from models.conditioning import ConditionBuilder
 from models.lora import add_lora, load_lora, lora_wrapped_modules, merge_lora, save_lora
-from models.testing import make_fake_released_checkpoint
+from models.tiny_assets import make_fake_released_checkpoint
 from models.text_encoders import TextConditioner
 from models.unet import build_unet, condition_dim, load_released_checkpoint, resolve_unet_config
 

@@ -178,7 +178,7 @@ def make_text_encoder(cfg: DemoConfig) -> Path:
     if not (folder / "text_encoder" / "config.json").is_file():
         import torch
 
-        from models.testing import tiny_clip_text_model, write_tiny_clip_tokenizer
+        from models.tiny_assets import tiny_clip_text_model, write_tiny_clip_tokenizer
 
         torch.manual_seed(cfg.seed)
         write_tiny_clip_tokenizer(folder / "tokenizer")
@@ -196,7 +196,7 @@ def make_t5_encoder(cfg: DemoConfig) -> Path:
     if not (folder / "config.json").is_file():
         import torch
 
-        from models.testing import write_tiny_t5_folder
+        from models.tiny_assets import write_tiny_t5_folder
 
         torch.manual_seed(cfg.seed)
         write_tiny_t5_folder(folder, d_model=48)

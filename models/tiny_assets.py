@@ -1,4 +1,7 @@
-"""Tiny offline stand-ins for the released assets, for tests and smoke runs (no network, random weights).
+"""Tiny offline stand-ins for the released assets (no network, random weights): not models, only their layout.
+
+Used by ``make_fake_checkpoint.py`` (try the fine-tuning and LoRA path without the released weights), by the demo (a
+tiny CLIP/T5 text encoder for its offline text baselines), and by the tests and benchmarks.
 
 * :func:`write_tiny_clip_tokenizer` writes a CLIP BPE tokenizer folder (``vocab.json``, ``merges.txt``,
   ``tokenizer_config.json``, the released ``tokenizer/`` layout) over a byte-level alphabet plus a few merges of
@@ -17,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from models.unet import build_unet
+from models.unet import RELEASED_MODEL_TYPES, build_unet
+from utils.files import atomic_write_text, to_json
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
@@ -71,12 +75,12 @@ def write_tiny_clip_tokenizer(directory: str | Path, model_max_length: int = 77)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = tiny_clip_vocab()
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    atomic_write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     special = {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "unk_token": CLIP_EOS, "pad_token": CLIP_EOS}
-    (directory / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    atomic_write_text(directory / "special_tokens_map.json", json.dumps(special))
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, **special}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    atomic_write_text(directory / "tokenizer_config.json", json.dumps(config))
     return directory
 
 
@@ -136,14 +140,25 @@ def make_fake_released_checkpoint(
     root: str | Path,
     unet_config: str | Path | dict = "tiny",
     text_hidden_size: int = 32,
-    model_types: tuple[str, ...] = ("fastmri", "skm-tea"),
+    model_types: tuple[str, ...] = RELEASED_MODEL_TYPES,
     seed: int = 0,
 ) -> Path:
     """Write a tiny ``MRI_checkpoint/`` with the released layout and return its path.
 
     The UNet is built from ``unet_config`` (default ``configs/unet/tiny.json``, 32x32, ``encoder_hid_dim`` 32) and
     saved with ``save_pretrained`` under every ``model_types`` folder; the DDPM scheduler config mirrors the released
-    one (1000 steps, linear betas 1e-4..0.02, epsilon prediction); the text encoder is a tiny CLIP text model.
+    one (1000 steps, linear betas 1e-4..0.02, epsilon prediction); the text encoder is a tiny CLIP text model
+    (``text_hidden_size`` wide, 4 attention heads) with the tokenizer of :func:`write_tiny_clip_tokenizer`.
+
+    Args:
+        root: the folder to write (created; existing files of the same names are replaced).
+        unet_config: a name of ``configs/unet/`` (``"tiny"``, ``"small"``, ...), a JSON path, or a config dict.
+        text_hidden_size: width of the CLIP text model (a multiple of 4).
+        model_types: the UNet folders to write (:data:`models.unet.RELEASED_MODEL_TYPES` by default).
+        seed: seed of the random weights.
+
+    Returns:
+        ``Path(root)``.
     """
     from diffusers import DDPMScheduler
 
@@ -158,17 +173,12 @@ def make_fake_released_checkpoint(
     ).save_pretrained(root / "scheduler")
     tiny_clip_text_model(hidden_size=text_hidden_size, seed=seed).save_pretrained(root / "text_encoder")
     write_tiny_clip_tokenizer(root / "tokenizer")
-    (root / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "MRIPipeline",
-                "scheduler": ["diffusers", "DDPMScheduler"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-            },
-            indent=2,
-        ),
-        encoding="utf-8",
-    )
+    index = {
+        "_class_name": "MRIPipeline",
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+    }
+    atomic_write_text(root / "model_index.json", to_json(index))
     return root
