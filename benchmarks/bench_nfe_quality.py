@@ -673,9 +673,9 @@ def table(points: list[dict], ref_steps: int) -> str:
 def plot(points: list[dict], fast: dict, ref_steps: int, path: Path, title: str) -> None:
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from utils.figures import pyplot, save_figure
 
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
     for sampler, style in zip(SAMPLER_LABELS, ("o-", "s--", "^-.")):
         pts = sorted((p for p in points if p["sampler"] == sampler), key=lambda q: q["nfe"])
@@ -701,9 +701,7 @@ def plot(points: list[dict], fast: dict, ref_steps: int, path: Path, title: str)
     axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

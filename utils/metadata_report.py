@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.files import atomic_write_bytes, atomic_write_text, write_json
+from utils.files import atomic_write_text, write_json
 from utils.metadata import is_missing
 from utils.samplers import DiffusionSchedule, make_cfg_eps_fn
 
@@ -527,33 +527,19 @@ def counterfactual_x0(
     return x0_hat[:-1], x0_hat[-1]
 
 
-def _save_png(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def save_strip(path: Path, truth: torch.Tensor, own: torch.Tensor, sweep: torch.Tensor, key: str,
                values: Sequence[float], own_value: Any, t: int) -> None:
     """A row of magnitude panels: the slice, x̂₀ with its own record, then x̂₀ for each swept value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from utils.figures import Panel, panel_figure, save_figure
 
     panels = [truth.abs(), own.abs()] + [s.abs() for s in sweep]
     own_txt = f"{float(own_value):g}" if _present(own_value) and not isinstance(own_value, (list, tuple)) else "—"
     titles = ["slice |x0|", f"x̂0, own {key}={own_txt}"] + [f"{key}={v:.4g}" for v in values]
     # One grey scale for every panel (so brightness compares across values), robust to a few outlier pixels.
     vmax = float(torch.quantile(torch.stack(panels).flatten().float(), 0.995)) or 1.0
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.9 * len(panels), 2.3))
-    for ax, img, title in zip(axes, panels, titles):
-        ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=vmax)
-        ax.set_title(title, fontsize=8)
-        ax.axis("off")
-    fig.suptitle(f"x̂0 at t={t}, same noise, {key} swept", fontsize=9)
-    _save_png(fig, path)
-    plt.close(fig)
+    row = [Panel(img.numpy(), title, vmax=vmax) for img, title in zip(panels, titles)]
+    fig = panel_figure([row], f"x̂0 at t={t}, same noise, {key} swept", panel_inches=1.9)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def save_gap_plot(path: Path, conditions: Mapping[str, Mapping[str, Any]], title: str) -> None:
@@ -561,11 +547,9 @@ def save_gap_plot(path: Path, conditions: Mapping[str, Mapping[str, Any]], title
 
     Left: the null condition and each attribute dropped; right: the null condition and each attribute mismatched.
     """
-    import matplotlib
+    from utils.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, kind, label in ((axes[0], "drop", "attribute dropped"), (axes[1], "mismatch", "attribute mismatched")):
         for name, entry in conditions.items():
@@ -583,8 +567,7 @@ def save_gap_plot(path: Path, conditions: Mapping[str, Mapping[str, Any]], title
         ax.legend(fontsize=7, ncol=2)
     axes[0].set_ylabel("loss gap, % of the correct loss (±1 SE)")
     fig.suptitle(title, fontsize=9)
-    _save_png(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

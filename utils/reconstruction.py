@@ -462,25 +462,15 @@ def cs_l1_wavelet(y: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor, lamda
 
 def save_slice_png(path: Path, panels: dict[str, np.ndarray]) -> None:
     """A row of labelled panels (magnitudes in grey; maps named '*error*'/'*std*' in a heat colour map)."""
-    import matplotlib
+    from utils.figures import Panel, panel_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.6))
-    axes = np.atleast_1d(axes)
     label = panels.get("label")
     vmax = float(np.nanmax(np.abs(label))) if label is not None else None
-    for ax, (name, img) in zip(axes, panels.items()):
+    row = []
+    for name, img in panels.items():
         heat = "error" in name or "std" in name
-        ax.imshow(np.abs(img), cmap="inferno" if heat else "gray", vmin=0, vmax=None if heat or name == "mask" else vmax)
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+        row.append(Panel(img, name, heat=heat, vmax=None if heat or name == "mask" else vmax))
+    save_figure(panel_figure([row], panel_inches=2.4, title_size=9), path, dpi=80)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

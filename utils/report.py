@@ -155,38 +155,20 @@ def figure_grid(
     std_dir: str | Path | None = None, title: str = "",
 ) -> Path:
     """One slice: label, zero-filled and each method (top), their error maps ×5 (bottom), the ensemble std map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from utils.figures import Panel, panel_figure, save_figure
 
     rel = Path(dataset_item.filename) / f"{dataset_item.slice_idx:03d}.npy"
     gt = _gt(dataset_item)
     images = {"label": gt, "zero-filled": np.load(Path(zero_filled_dir) / "recon" / rel)}
     images.update({name: np.load(Path(d) / "recon" / rel) for name, d in methods.items()})
     extra = std_dir is not None and (Path(std_dir) / "std" / rel).is_file()
-    cols = len(images) + (1 if extra else 0)
-    fig, axes = plt.subplots(2, cols, figsize=(2.2 * cols, 4.6))
     vmax = float(np.abs(gt).max())
-    for j, (name, img) in enumerate(images.items()):
-        axes[0, j].imshow(np.abs(img), cmap="gray", vmin=0, vmax=vmax)
-        axes[0, j].set_title(name, fontsize=8)
-        err = np.abs(np.abs(img) - np.abs(gt))
-        axes[1, j].imshow(5 * err, cmap="inferno", vmin=0, vmax=vmax)
-        axes[1, j].set_title("error ×5" if name != "label" else "", fontsize=8)
+    top = [Panel(img, name, vmax=vmax) for name, img in images.items()]
+    bottom: list[Panel | None] = [
+        Panel(5 * np.abs(np.abs(img) - np.abs(gt)), "error ×5" if name != "label" else "", heat=True, vmax=vmax)
+        for name, img in images.items()
+    ]
     if extra:
-        std = np.load(Path(std_dir) / "std" / rel)
-        axes[0, -1].imshow(5 * std, cmap="inferno", vmin=0, vmax=vmax)
-        axes[0, -1].set_title("ensemble std ×5", fontsize=8)
-        axes[1, -1].axis("off")
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+        top.append(Panel(5 * np.load(Path(std_dir) / "std" / rel), "ensemble std ×5", heat=True, vmax=vmax))
+        bottom.append(None)
+    return save_figure(panel_figure([top, bottom], title), path, dpi=90)
