@@ -241,7 +241,7 @@ def test_raw_mode_end_to_end_through_the_raw_path(tiny, tiny_raw):
     out = root / "out_raw"
     args = ["--raw_dir", tiny_raw, "--finetune_folder", model, "--metadata_stats", root / "stats.json",
             "--num_slices", "3", "--num_tune", "2", "--steps", "2", "--reference_steps", "2", "--alt_steps", "2",
-            "--samplers", "dds", "dpmpp2m", "--etas", "1", "--gammas", "5", "50", "--cg_iters", "2", "4",
+            "--samplers", "dds", "dpmpp2m", "--etas", "1", "--gammas", "50", "--cg_iters", "2", "4",
             "--prior_error_stds", "0.1", "--center_fraction", "0.25", "--fast_max_nfe", "2", "--threads", "1",
             "--work_dir", root / "work", "--json", out / "r.json"]
     result = bench.main([str(a) for a in args])
@@ -255,7 +255,7 @@ def test_raw_mode_end_to_end_through_the_raw_path(tiny, tiny_raw):
     assert len(reported_files) == 2 and not reported_files & {n.split(":")[0] for n in result["tuning_slices"]}
     assert result["tuning_set"]["source"] == "simulated" and result["tuning_set"]["contrasts"] == ["AXT2"]
     grid = result["tuning"]["dds@2"]["grid"]
-    assert [r["stage"] for r in grid].count("A") == 2 and {r["cg_iter"] for r in grid} == {2, 4}
+    assert [r["stage"] for r in grid] == ["A", "B", "C"] and [r["cg_iter"] for r in grid][:2] == [2, 4]
     assert any(r["gamma_rule"] == "noise" for r in grid)
     # the reference point's PSNRs are what the raw reconstruction itself gives with the tuned setting
     ref = next(p for p in result["points"] if p["sampler"] == "dds")
