@@ -12,7 +12,8 @@ Writes ``{output_dir}/heart_mvue_{crop}_{split}/{slice,mps,scale}/{Pxxx}_{series
 ``idx = slice * num_frames + frame`` (``num_frames`` of the series; also the CSV column ``file_index``), and
 ``{output_dir}/metadata_cardiology_{split}.csv`` (anatomy ``heart``, view, frame, 3 T Siemens MAGNETOM Vida; published
 protocol values for T1/T2 mapping; unknown values empty). Reruns skip finished slices. The CSV is the union of every
-series processed into the root (a run replaces the rows of its own series and keeps the others).
+series processed into the root (a run replaces the rows of its own series and keeps the others); so N jobs with
+``--num_shards N --shard_index I`` (every N-th series by name) into one root leave the union (docs/cluster.md).
 
 Exit status: 0 all series ok; 1 a series failed (unreadable, or a slice/frame with non-finite or all-zero k-space:
 reported and skipped) or no series found; 2 bad arguments (e.g. missing folder); 128 + signal when interrupted.
@@ -28,13 +29,14 @@ from pathlib import Path
 from pre_processing_final import EspiritOptions, espirit_from_args
 from utils import cli
 from utils.cli import option
+from utils.distributed import ShardOptions, shard_problem
 from utils.preprocessing.cmrx import CardiacConfig, run_cmrx_preprocessing
 
 PROG = "pre_process_cmrx.py"
 
 
 @dataclass(kw_only=True)
-class CardiacPreprocessOptions(EspiritOptions):
+class CardiacPreprocessOptions(EspiritOptions, ShardOptions):  # ShardOptions: --num_shards/--shard_index
     """Every option of ``pre_process_cmrx.py``."""
 
     input_dir: Path = option(help="CMRxRecon release root (2023 or 2024 layout)")
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.input_dir.is_dir():
         return _error(f"--input_dir {args.input_dir} is not a folder", 2)
+    if shard_problem(args.num_shards, args.shard_index):
+        return _error(shard_problem(args.num_shards, args.shard_index), 2)
     if not any(args.input_dir.rglob("*.mat")):
         return _error(f"no .mat files under {args.input_dir}", 1)
     try:
@@ -108,6 +112,8 @@ def _config(args: CardiacPreprocessOptions) -> CardiacConfig:
         sense_iters=args.sense_iters,
         num_workers=args.num_workers,
         overwrite=args.overwrite,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
     )
 
 

@@ -14,6 +14,11 @@ Batches: the CSV is the union of every file processed into the root; a run repla
 the others, and prints how many rows it added, replaced and kept. ``--write_stats`` (train split only; refused on a
 val run) rebuilds ``metadata_stats.json`` from every ``metadata_*_train.csv`` of the root.
 
+Machines: ``--num_shards N --shard_index I`` processes every N-th file of the sorted listing, so N jobs (a SLURM array)
+share one folder; each writes only its files' slices and merges its rows into the CSV under the lock, so the CSV is
+the union once all are done. Build the stats after the last shard with ``make_metadata_stats.py`` on the train CSVs
+(``--write_stats`` is refused with shards: a shard finishing first would see part of the union). docs/cluster.md.
+
 Exit status: 0 all files ok; 1 a file failed (unreadable, or a slice with non-finite / all-zero k-space: reported and
 skipped; the others are still processed) or no .h5 file in the folder; 2 bad arguments (e.g. missing folder);
 128 + signal when interrupted (workers are stopped; rerun to resume).
@@ -29,6 +34,7 @@ from typing import Any
 
 from utils import cli
 from utils.cli import option
+from utils.distributed import ShardOptions, shard_items, shard_problem
 from utils.coils import ESPIRIT_DEFAULTS
 from utils.preprocessing.fastmri import PreprocessConfig, list_h5_files, load_fastmri_plus, run_preprocessing
 from utils.preprocessing.slices import EspiritParams
@@ -57,7 +63,7 @@ class EspiritOptions:
 
 
 @dataclass(kw_only=True)
-class FastMRIPreprocessOptions(EspiritOptions):
+class FastMRIPreprocessOptions(EspiritOptions, ShardOptions):  # ShardOptions: --num_shards/--shard_index
     """Every option of ``pre_processing_final.py``."""
 
     input_dir: Path = option(help="folder of fastMRI multi-coil .h5 files")
@@ -119,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             return _error(f"--fastmri_plus_csv: {err}", 2)
     if args.write_stats and not args.train:
         return _error(STATS_TRAIN_ONLY, 2)
+    if shard_problem(args.num_shards, args.shard_index):
+        return _error(shard_problem(args.num_shards, args.shard_index), 2)
+    if args.write_stats and args.num_shards > 1:  # a shard finishing first would see only part of the union
+        return _error("--write_stats with --num_shards > 1 would build the stats from the shards finished so far: "
+                      "once every shard is done, run make_metadata_stats.py on the train CSVs (docs/cluster.md)", 2)
     try:
         cfg = PreprocessConfig(
             input_dir=args.input_dir,
@@ -137,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg.files = list_h5_files(cfg.input_dir)
     if not cfg.files:
         return _error(f"no .h5 files in {cfg.input_dir}", 1)
+    cfg.files = shard_items(cfg.files, args.num_shards, args.shard_index)  # this machine's files (sorted listing)
+    if not cfg.files:  # more shards than files: nothing to do is not a failure
+        print(f"shard {args.shard_index} of {args.num_shards}: no files (the folder has fewer files than shards)")
+        return 0
     try:
         summary = run_preprocessing(cfg, show_progress=not args.no_progress)
     except KeyboardInterrupt:  # one process (--num_workers 1): finished slices are on disk

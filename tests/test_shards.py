@@ -165,3 +165,63 @@ def test_readme_multi_node_command_two_launchers_stand_in_for_two_nodes(val_root
         _comparable(json.loads((one_dir / "summary.json").read_text()))
     # one run of 2 processes: the main process (machine rank 0) saw both
     assert json.loads((nodes_dir / "command.json").read_text())[-1]["num_processes"] == 2
+
+
+# --------------------------------------------------------------------------------------------- preprocessing
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every slice/map/scale file under ``root`` -> its bytes (the CSVs and lock files aside)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "_mvue_" in str(p.relative_to(root))}
+
+
+def test_preprocessing_shards_as_separate_processes_give_the_one_run_csv_slices_and_stats(tmp_path, capsys):
+    import make_metadata_stats
+    import pre_processing_final
+    from tests.test_faults_preprocessing import ESPIRIT, make_file
+
+    for i in range(3):
+        make_file(tmp_path / "raw", i, num_slices=2)
+    common = ["--input_dir", str(tmp_path / "raw"), "--train", "--crop_size", str(CROP), "--no_progress", *ESPIRIT]
+    assert pre_processing_final.main([*common, "--output_root", str(tmp_path / "one"), "--write_stats"]) == 0
+    for index in ("0", "1"):  # separate processes, one after the other (as array tasks may run)
+        _run([sys.executable, str(REPO / "pre_processing_final.py"), *common, "--output_root",
+              str(tmp_path / "sharded"), "--num_shards", "2", "--shard_index", index], tmp_path)
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    csv = "metadata_brain_train.csv"
+    assert (sharded / csv).read_bytes() == (one / csv).read_bytes()  # the union, sorted like one run's
+    assert len((one / csv).read_text().splitlines()) == 1 + 3 * 2
+    assert _tree(sharded) == _tree(one)
+    # the documented merge step for the stats: make_metadata_stats.py on the union = one run's --write_stats
+    assert make_metadata_stats.main([str(sharded / csv), "--output", str(sharded / "metadata_stats.json")]) == 0
+    assert json.loads((sharded / "metadata_stats.json").read_text()) == \
+        json.loads((one / "metadata_stats.json").read_text())
+    capsys.readouterr()
+    # bad shard arguments, and --write_stats on a shard: exit 2, one line, nothing written
+    for flags in (["--num_shards", "2", "--shard_index", "2"], ["--num_shards", "2", "--write_stats"]):
+        assert pre_processing_final.main([*common, "--output_root", str(tmp_path / "bad"), *flags]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and ("--shard_index" in lines[0] or "make_metadata_stats.py" in lines[0]), lines
+    assert not (tmp_path / "bad").exists()
+    # more shards than files: an empty shard is not a failure
+    assert pre_processing_final.main([*common, "--output_root", str(sharded), "--num_shards", "4",
+                                      "--shard_index", "3"]) == 0
+
+
+def test_cardiac_preprocessing_shards_give_the_one_run_csv(tmp_path, capsys):
+    import pre_process_cmrx
+    from tests._synthetic import generate_cmrx
+    from tests.test_faults_preprocessing import ESPIRIT
+
+    generate_cmrx(tmp_path / "raw", "2023")
+    common = ["--input_dir", str(tmp_path / "raw"), "--crop_size", str(CROP), "--no_progress", "--frames", "0",
+              *ESPIRIT]
+    assert pre_process_cmrx.main([*common, "--output_dir", str(tmp_path / "one")]) == 0
+    for index in ("0", "1"):
+        assert pre_process_cmrx.main([*common, "--output_dir", str(tmp_path / "sharded"), "--num_shards", "2",
+                                      "--shard_index", index]) == 0
+        # each shard processed one of the two series (cine_lax, cine_sax)
+        assert "files: 1/1 ok" in capsys.readouterr().out
+    csv = "metadata_cardiology_train.csv"
+    assert (tmp_path / "sharded" / csv).read_bytes() == (tmp_path / "one" / csv).read_bytes()
+    assert _tree(tmp_path / "sharded") == _tree(tmp_path / "one")
+    assert pre_process_cmrx.main([*common, "--output_dir", str(tmp_path / "x"), "--num_shards", "0"]) == 2

@@ -45,6 +45,9 @@ class CardiacConfig:
         sense_gamma, sense_iters: fallback SENSE reconstruction ``(I + γ AᴴA) x = γ Aᴴ y`` (Tikhonov ``1/γ``), CG steps.
         num_workers, overwrite: as :class:`PreprocessConfig`.
         sets: explicit set folders to read (e.g. ``("TrainingSet",)``).
+        num_shards, shard_index: this run is shard ``shard_index`` of ``num_shards`` separate runs into the same
+            output (:func:`utils.distributed.shard_items` over the sorted series; files that cannot be opened are
+            reported by shard 0 only).
     """
 
     input_dir: Path
@@ -61,6 +64,8 @@ class CardiacConfig:
     num_workers: int = 1
     overwrite: bool = False
     sets: tuple[str, ...] | None = None
+    num_shards: int = 1
+    shard_index: int = 0
 
     def __post_init__(self) -> None:
         self.input_dir = Path(self.input_dir)
@@ -226,6 +231,10 @@ def run_cmrx_preprocessing(cfg: CardiacConfig, show_progress: bool = True) -> Ru
     if cfg.views:
         keep = set(cfg.views)
         series = [s for s in series if s.stem in keep or series_protocol(s.stem).view in keep]
+    from utils.distributed import shard_items
+
+    series = shard_items(series, cfg.num_shards, cfg.shard_index)  # this machine's series (all, unsharded)
+    problems = problems if cfg.shard_index == 0 else []
     jobs = [(s.name, process_cmrx_series, (s, cfg)) for s in series]
     reports = run_in_pool(jobs, cfg.num_workers, desc=f"cmrx {cfg.split}", show_progress=show_progress)
     reports += [FileReport(name=p.split(":")[0], error=p) for p in problems]
