@@ -7,8 +7,8 @@ Writes report.json, report.csv, loss_gap.png and counterfactual_{key}.png to --o
 verdict. See docs/metadata_report.md.
 
 Example:
-    python metadata_report.py --finetune_folder ./trained_model --data_root ./fastmri \
-        --load_dir_meta_brain ./fastmri/metadata_brain_val.csv --enable_condition_emb \
+    python metadata_report.py --finetune_folder ./output/metadata --data_root ./fastmri \\
+        --load_dir_meta_brain ./fastmri/metadata_brain_val.csv --enable_condition_emb \\
         --metadata_stats ./metadata_stats.json --output_dir ./report
 """
 

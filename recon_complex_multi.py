@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Reconstruct undersampled validation slices with a (metadata-)conditioned diffusion prior or a baseline.
 
-Example:
-    python recon_complex_multi.py --pretrained_model_name_or_path ./MRI_checkpoint --load_dir_meta_brain ./metadata_val.csv \
-        --data_root ./fastmri --enable_condition_emb --finetune_folder ./trained_model \
-        --metadata_stats ./metadata_stats.json --mask_type uniform1d --acc_factor 4
+Example (the README's step 3; ``--config {results folder}/settings.json`` repeats a run's settings)::
+
+    python recon_complex_multi.py --pretrained_model_name_or_path ./MRI_checkpoint \\
+        --load_dir_meta_brain ./fastmri/metadata_brain_val.csv --data_root ./fastmri --enable_condition_emb \\
+        --finetune_folder ./output/metadata --metadata_stats ./metadata_stats.json --mask_type uniform1d \\
+        --acc_factor 4 --save_dir ./results
 
 Results go to {save_dir}/{mask_type}/acc_{R}/{tag}/, where tag is --tag or a readable name plus a short hash of every
 setting that changes a result (e.g. dds_steps100_w1_n1-3fa9c2d1); run.json in the folder holds that fingerprint. A
