@@ -19,11 +19,11 @@ ESPIRIT_DEFAULTS = {"calib_width": 24, "thresh": 0.02, "kernel_width": 6, "crop"
 
 def espirit_maps(
     kspace: np.ndarray,
-    calib_width: int = 24,
-    thresh: float = 0.02,
-    kernel_width: int = 6,
-    crop: float = 0.95,
-    max_iter: int = 100,
+    calib_width: int = ESPIRIT_DEFAULTS["calib_width"],
+    thresh: float = ESPIRIT_DEFAULTS["thresh"],
+    kernel_width: int = ESPIRIT_DEFAULTS["kernel_width"],
+    crop: float = ESPIRIT_DEFAULTS["crop"],
+    max_iter: int = ESPIRIT_DEFAULTS["max_iter"],
     device: int = -1,
     show_pbar: bool = False,
 ) -> np.ndarray:
@@ -201,10 +201,10 @@ def espirit_gram_taps(calib: np.ndarray, thresh: float, kernel_width: int) -> np
 
 def espirit_maps_fast(
     kspace: np.ndarray,
-    calib_width: int = 24,
-    thresh: float = 0.02,
-    kernel_width: int = 6,
-    crop: float = 0.95,
+    calib_width: int = ESPIRIT_DEFAULTS["calib_width"],
+    thresh: float = ESPIRIT_DEFAULTS["thresh"],
+    kernel_width: int = ESPIRIT_DEFAULTS["kernel_width"],
+    crop: float = ESPIRIT_DEFAULTS["crop"],
     out_shape: tuple[int, int] | None = None,
     rows_per_chunk: int = 32,
 ) -> np.ndarray:
