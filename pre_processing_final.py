@@ -45,7 +45,8 @@ PROG = "pre_processing_final.py"
 
 @dataclass
 class EspiritOptions:
-    """The ``--espirit_*`` options shared by the preprocessing scripts (defaults: :data:`utils.coils.ESPIRIT_DEFAULTS`)."""
+    """The ``--espirit_*`` options shared by the preprocessing scripts (defaults:
+    :data:`utils.coils.ESPIRIT_DEFAULTS`)."""
 
     espirit_calib_width: int = option(ESPIRIT_DEFAULTS["calib_width"], "width of the fully sampled calibration "
                                       "region (per axis)", unit="k-space samples", group="ESPIRiT")

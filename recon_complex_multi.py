@@ -53,8 +53,8 @@ class ReconOptions(ModelOptions, SamplerSettings, RawOptions, ShardOptions):
     """Every option of ``recon_complex_multi.py`` (``--data_root`` and ``--raw_dir`` modes)."""
 
     pretrained_model_name_or_path: str | None = option(
-        None, "released MRI_checkpoint folder (local)", group="model", default_text="for a --finetune_folder: the run's "
-        "own")
+        None, "released MRI_checkpoint folder (local)", group="model",
+        default_text="for a --finetune_folder: the run's own")
     metadata_stats: str | None = option(None, "metadata_stats.json the model was trained with", group="model",
                                         default_text="the --finetune_folder run's own, if it exists")
     mixed_precision: str = option("no", "network precision; data consistency always runs in fp32/complex64",

@@ -21,11 +21,12 @@ What every such command line does:
 - Lists (``list[X]``, ``tuple[X, ...]``) take space-separated values, commas accepted too: ``--views sax lax``,
   ``--views sax,lax`` and ``--views sax, lax`` are the same list.
 - ``--config FILE`` reads a JSON object of the same fields (a run's ``run_config.json`` / ``settings.json``, or one
-  written by hand; an alias without its dashes names its field too). Precedence: field default < file < values given on the command line. A key that is not a field
-  is refused (one line naming it, exit status 2), except the keys a saved file records that are not settings
-  (:data:`RECORDED_KEYS`, plus a dataclass's own ``CONFIG_RECORDED_KEYS``), which are ignored. A dataclass may
-  translate the keys of its saved files with a ``config_from_saved(data) -> data`` classmethod (e.g. a saved
-  ``save_png: true`` is the flag ``--no_png`` absent).
+  written by hand; an alias without its dashes names its field too). Precedence: field default < file < values
+  given on the command line. A key that is not a field is refused (one line naming every such key, exit status 2),
+  except the keys a saved file records that are not settings (:data:`RECORDED_KEYS`, plus a dataclass's own
+  ``CONFIG_RECORDED_KEYS``), which are ignored. A dataclass may translate the keys of its saved files with a
+  ``config_from_saved(data) -> data`` classmethod (e.g. a saved ``save_png: true`` is the flag ``--no_png`` absent).
+- A required option (a field without a default) makes the dataclass ``kw_only`` when it follows defaulted fields.
 - Bad values (unknown flag, wrong type, not a choice, missing required option, unusable ``--config`` file) exit with
   status 2 and one ``{prog}: error: ...`` line (no usage block, no traceback).
 
@@ -94,8 +95,8 @@ def option(
         default_factory: as :func:`dataclasses.field`.
     """
     meta = {"help": help, "aliases": tuple(aliases), "choices": None if choices is None else tuple(choices),
-            "unit": unit, "group": group, "metavar": metavar, "parse": parse, "allow_empty": allow_empty, "split_commas": split_commas,
-            "positional": positional, "default_text": default_text}
+            "unit": unit, "group": group, "metavar": metavar, "parse": parse, "allow_empty": allow_empty,
+            "split_commas": split_commas, "positional": positional, "default_text": default_text}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     if isinstance(default, (list, dict, set)):
@@ -492,12 +493,3 @@ def parse_with_sources(
 def parse(cls: type[T], argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> T:
     """:func:`parse_with_sources` without the bookkeeping: just the dataclass instance."""
     return parse_with_sources(cls, argv, parser).config
-
-
-def to_config_dict(config: Any) -> dict[str, Any]:
-    """The fields of a parsed dataclass as a JSON-ready dict (what ``--config`` reads back)."""
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        out[f.name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
-    return out
