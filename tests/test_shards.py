@@ -225,3 +225,32 @@ def test_cardiac_preprocessing_shards_give_the_one_run_csv(tmp_path, capsys):
     assert (tmp_path / "sharded" / csv).read_bytes() == (tmp_path / "one" / csv).read_bytes()
     assert _tree(tmp_path / "sharded") == _tree(tmp_path / "one")
     assert pre_process_cmrx.main([*common, "--output_dir", str(tmp_path / "x"), "--num_shards", "0"]) == 2
+
+
+def test_raw_recon_shards_merge_to_the_one_run_summary(tmp_path, capsys):
+    """``--raw_dir``: shards take whole files; the first shard's summary lists the other file as incomplete, the
+    last one's equals the unsharded run's (each shard assembles only its own ``.h5``)."""
+    import recon_complex_multi
+    from tests.test_faults_preprocessing import make_file
+
+    for i in range(2):
+        make_file(tmp_path / "raw", i, num_slices=2)
+    base = ["--raw_dir", str(tmp_path / "raw"), "--method", "zero_filled", "--mask_type", "uniform1d",
+            "--acc_factor", "4"]
+    assert recon_complex_multi.main([*base, "--save_dir", str(tmp_path / "one")]) == 0
+    assert recon_complex_multi.main([*base, "--save_dir", str(tmp_path / "sharded"), "--num_shards", "2",
+                                     "--shard_index", "0"]) == 0
+    assert "INCOMPLETE: 1 of 2 volume(s)" in capsys.readouterr().out
+    (one_dir,) = (tmp_path / "one").glob("raw/*/*/zero_filled-*")
+    (shard_dir,) = (tmp_path / "sharded").glob("raw/*/*/zero_filled-*")
+    early = json.loads((shard_dir / "summary.json").read_text())
+    assert not early["complete"] and early["num_volumes"] == 1 and early["num_volumes_incomplete"] == 1
+    assert [p.name for p in (shard_dir / "reconstructions").glob("*.h5")] == ["file_brain_AXT2_200_600000.h5"]
+    assert recon_complex_multi.main([*base, "--save_dir", str(tmp_path / "sharded"), "--num_shards", "2",
+                                     "--shard_index", "1"]) == 0
+    merged = json.loads((shard_dir / "summary.json").read_text())
+    one = json.loads((one_dir / "summary.json").read_text())
+    assert merged["complete"] and one["complete"]
+    assert _comparable(merged) == _comparable(one)
+    assert sorted(p.name for p in (shard_dir / "reconstructions").glob("*.h5")) == \
+        sorted(p.name for p in (one_dir / "reconstructions").glob("*.h5"))
