@@ -504,7 +504,8 @@ def paired_volume_difference(raw_summary: dict, resim_summary: dict) -> dict[str
         d = a - b
         out[metric] = {"raw": {"mean": float(a.mean()), "std": float(a.std())},
                        "resim": {"mean": float(b.mean()), "std": float(b.std())},
-                       "mean_diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else None,
+                       "mean_diff": float(d.mean()),
+                       "se": float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else None,
                        "raw_lower": int((d < 0).sum())}
     return out
 
@@ -586,10 +587,11 @@ def raw_comparison_lines(cfg: DemoConfig, entries: Sequence[dict[str, Any]]) -> 
                   if cfg.raw_gamma_rule == "noise" else f"DDS γ {cfg.gamma:g}")
     lines = [
         f"**Raw k-space vs. the re-simulated path (inverse crime)**: the same {p['num_volumes']} held-out volumes "
-        f"({first['num_slices']} slices) and the same {cfg.mask_type} line patterns (seeded from file and slice; centre "
-        f"fraction {cfg.raw_center_fraction:g}, so ESPIRiT has ACS lines to work with). *Raw*: recon_complex_multi.py "
-        f"--raw_dir on the simulator's noisy k-space (2x readout oversampling, zero-padded phase-encode columns outside "
-        f"the acquired band, which are never measured), coil maps from the ACS lines only, scale and σ estimated from "
+        f"({first['num_slices']} slices) and the same {cfg.mask_type} line patterns (seeded from file and slice; "
+        f"centre fraction {cfg.raw_center_fraction:g}, so ESPIRiT has ACS lines to work with). *Raw*: "
+        "recon_complex_multi.py --raw_dir on the simulator's noisy k-space (2x readout oversampling, zero-padded "
+        "phase-encode columns outside the acquired band, which are never measured), coil maps from the ACS lines "
+        f"only, scale and σ estimated from "
         f"the data, {gamma_text}; target: the file's reconstruction_rss. *Re-simulated*: --data_root, y = M F(S x) "
         f"from the preprocessed MVUE slice with its fully sampled maps, noise-free, DDS γ {cfg.gamma:g}; target: the "
         "MVUE magnitude. Both: fastMRI protocol (magnitude, volume-wise, data_range = max of the target volume), "
