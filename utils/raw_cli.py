@@ -140,15 +140,19 @@ def raw_main(args: Any, given: Collection[str], prog: str) -> int:
             diffusion = reconstructor_from_args(plan, args, state.device)
         except ValueError as err:
             return fail(str(err).splitlines()[0])
+    from utils.distributed import exclusive_lock, shard_items
+
+    mine = shard_items(volumes, args.num_shards, args.shard_index)  # this machine's volumes; processes split them
     try:
-        run_raw_reconstruction(volumes, settings, out, diffusion=diffusion, device=state.device,
+        run_raw_reconstruction(mine, settings, out, diffusion=diffusion, device=state.device,
                                process_index=state.process_index, num_processes=state.num_processes)  # fmt: skip
     except ValueError as err:  # e.g. too few ACS lines for ESPIRiT in a file
         return fail(str(err).splitlines()[0], code=1)
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0
-    summary = summarize_raw(out, volumes)
+    with exclusive_lock(out / ".summary.lock"):  # shards finishing together: the last one sees every shard's rows
+        summary = summarize_raw(out, volumes, allow_incomplete=True, assemble={v.stem for v in mine})
     print(f"{out.name}  raw  {settings.mask_type or 'file masks'}"
           f"{'' if settings.acc_factor is None else f' x{settings.acc_factor:g}'}  "
           f"({summary['num_volumes']} volumes, {summary['num_slices']} slices)")  # fmt: skip
@@ -157,5 +161,8 @@ def raw_main(args: Any, given: Collection[str], prog: str) -> int:
         stat = summary.get(key)
         text = "n/a (no target)" if stat is None else f"{stat['mean']:.4g} ± {stat['std']:.4g}"
         print(f"  {key:16s} {text}")
+    if not summary["complete"]:
+        print(f"  INCOMPLETE: {summary['num_volumes_incomplete']} of {summary['num_volumes_expected']} volume(s) lack "
+              f"{summary['num_slices_missing']} slice(s) (another shard not finished?); they are not in the means")
     print(f"reconstructions: {out / 'reconstructions'}")
     return 1 if summary["failed_slices"] else 0

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -427,12 +427,21 @@ def write_submission_h5(path: Path, reconstruction: np.ndarray, complex_recon: n
     os.replace(tmp, path)
 
 
-def summarize_raw(out: str | Path, volumes: Sequence[RawVolume]) -> dict[str, Any]:
+def summarize_raw(out: str | Path, volumes: Sequence[RawVolume], allow_incomplete: bool = False,
+                  assemble: Collection[str] | None = None) -> dict[str, Any]:
     """Assemble ``reconstructions/{stem}.h5`` per finished volume, score it against ``reconstruction_rss`` (fastMRI
     protocol, :func:`utils.metrics.evaluate_volume`) and write ``summary.json`` + ``summary.csv`` (per volume).
 
+    Args:
+        out: the run folder.
+        volumes: every volume of the run (all shards).
+        allow_incomplete: a volume with slices not reconstructed yet (another shard still running) is listed as
+            ``"status": "incomplete"`` and left out of the means, and ``complete`` is false, instead of an error.
+        assemble: stems whose ``.h5`` this call writes (default: every finished volume); a shard passes its own, so
+            it writes only its own files while scoring every finished volume.
+
     Raises:
-        RuntimeError: slices not reconstructed yet (run again to finish).
+        RuntimeError: slices not reconstructed yet (run again to finish), unless ``allow_incomplete``.
     """
     import pandas as pd
 
@@ -441,24 +450,32 @@ def summarize_raw(out: str | Path, volumes: Sequence[RawVolume]) -> dict[str, An
     out = Path(out)
     missing = [f"{v.stem}/{i:03d}" for v in volumes for i in range(v.num_slices)
                if not _row_path(out, v.stem, i).is_file()]  # fmt: skip
-    if missing:
+    if missing and not allow_incomplete:
         raise RuntimeError(f"{len(missing)} slice(s) not reconstructed yet (e.g. {missing[:3]}); run again to finish")
-    volume_rows, slice_rows = [], []
+    volume_rows, slice_rows, incomplete = [], [], []
     for v in volumes:
+        num_missing = sum(not _row_path(out, v.stem, i).is_file() for i in range(v.num_slices))
+        if num_missing:
+            incomplete.append({"filename": v.stem, "kind": v.kind, "num_slices": v.num_slices,
+                               "num_missing": num_missing, "status": "incomplete"})
+            continue
         rows = [json.loads(_row_path(out, v.stem, i).read_text()) for i in range(v.num_slices)]
         slice_rows.extend(rows)
         arrays = [np.load(_slice_path(out, v.stem, i)) for i in range(v.num_slices)]
         mag = np.stack([a["magnitude"] for a in arrays])
         cplx = np.stack([a["complex"] for a in arrays])
         std = np.stack([a["std"] for a in arrays]) if all("std" in a for a in arrays) else None
-        write_submission_h5(out / "reconstructions" / f"{v.stem}.h5", mag, cplx, std)
-        v.write_extra_outputs(out, mag, cplx, std)  # e.g. CMRxRecon's submission .mat (utils.raw_cmrx)
+        if assemble is None or v.stem in assemble:
+            write_submission_h5(out / "reconstructions" / f"{v.stem}.h5", mag, cplx, std)
+            v.write_extra_outputs(out, mag, cplx, std)  # e.g. CMRxRecon's submission .mat (utils.raw_cmrx)
         row: dict[str, Any] = {
             "filename": v.stem, "kind": v.kind, "num_slices": v.num_slices,
             "failed_slices": sum(r.get("status") != "ok" for r in rows),
             "acceleration": float(np.mean([r["acceleration"] for r in rows])),
             "sigma": float(np.mean([r["sigma"] for r in rows])),
         }  # fmt: skip
+        if allow_incomplete:
+            row["status"] = "done"
         target = v.read_target()
         if target is not None and row["failed_slices"] == 0:
             m = evaluate_volume(target, mag, protocol="fastmri")
@@ -466,6 +483,9 @@ def summarize_raw(out: str | Path, volumes: Sequence[RawVolume]) -> dict[str, An
             row.update(v.extra_scores(mag))  # e.g. CMRxRecon's ranking region (cmrx_psnr, ...)
         volume_rows.append(row)
     summary: dict[str, Any] = {"num_volumes": len(volume_rows), "num_slices": len(slice_rows)}
+    if allow_incomplete:  # counts of a sharded run; the means cover only the finished volumes
+        summary.update({"complete": not incomplete, "num_volumes_expected": len(volumes),
+                        "num_volumes_incomplete": len(incomplete), "num_slices_missing": len(missing)})
     if (out / "settings.json").is_file():
         summary["settings"] = json.loads((out / "settings.json").read_text())
     cmrx_keys = [k for k in ("cmrx_psnr", "cmrx_ssim", "cmrx_nmse") if any(k in r for r in volume_rows)]
@@ -476,9 +496,9 @@ def summarize_raw(out: str | Path, volumes: Sequence[RawVolume]) -> dict[str, An
         vals = [r[key] for r in slice_rows if isinstance(r.get(key), (int, float))]
         summary[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))} if vals else None
     summary["failed_slices"] = sum(r.get("status") != "ok" for r in slice_rows)
-    summary["volumes"] = volume_rows
+    summary["volumes"] = volume_rows + incomplete
     summary["protocol"] = ("fastMRI: magnitude `reconstruction` vs the file's `reconstruction_rss`, volume-wise, "
                            "data_range = max(target volume); mean ± std over volumes with a target")  # fmt: skip
     write_json(out / "summary.json", summary)
-    atomic_write_bytes(out / "summary.csv", pd.DataFrame(volume_rows).to_csv(index=False).encode())
+    atomic_write_bytes(out / "summary.csv", pd.DataFrame(volume_rows + incomplete).to_csv(index=False).encode())
     return summary
