@@ -290,3 +290,25 @@ def test_oracle_prior_through_the_raw_path_recovers_the_rss_target(raw_dir, tmp_
         rec, std, cplx = f["reconstruction"][()], f["std"][()], f["reconstruction_complex"][()]
     assert std.shape == rec.shape and std.max() < 1e-3 * rec.max()  # two samples of an oracle prior agree
     np.testing.assert_allclose(np.abs(cplx), rec, rtol=1e-6)
+
+
+def test_dps_gets_each_slices_estimated_sigma_on_the_raw_path(raw_dir, tmp_path) -> None:
+    """DPS's step follows σ on --raw_dir: the reconstructor receives every slice's estimated σ on the normalised scale
+    (the row's ``sigma_normalized``) and the run's s. (DDS receives neither: the five-argument stubs above.)"""
+    import json
+
+    vol = open_raw_volume(next(raw_dir.glob("*.h5")))
+    seen = []
+
+    def stub(y, op, records, prompts, gens, **kw):
+        seen.append(kw)
+        return torch.zeros(y.shape[0], *op.image_shape, dtype=y.dtype), 1
+
+    settings = RawReconSettings(method="diffusion", sampler="dps", mask_type="random", acc_factor=4,
+                                center_fraction=CF, prior_error_std=0.2, batch_size=2)
+    _run([vol], settings, tmp_path / "dps", diffusion=stub)
+    (kw,) = seen
+    rows = sorted((tmp_path / "dps").rglob("rows/*/*.json"))
+    expected = [json.loads(r.read_text())["sigma_normalized"] for r in rows]
+    assert kw["prior_error_std"] == 0.2 and kw["noise_sigma"].tolist() == pytest.approx(expected, rel=1e-6)
+    assert all(v > 0 for v in expected)

@@ -16,7 +16,7 @@ import torch
 
 from utils.cg import conjugate_gradient
 from utils.channels import channels_to_complex, complex_to_channels
-from utils.samplers.core import Callback, EpsFn, Generators, SamplerStats, SamplingLoop, per_sample
+from utils.samplers.core import Callback, EpsFn, Generators, SamplerStats, SamplingLoop, Step, per_sample
 from utils.samplers.ddim import clip_magnitude, ddim_step, tweedie_x0
 from utils.samplers.schedule import DiffusionSchedule
 
@@ -40,6 +40,44 @@ def data_consistency(
         return x0_hat
     return conjugate_gradient(op.normal, x0_hat + per_sample(gamma, x0_hat) * aty, x0=x0_hat, gamma=gamma,
                               max_iter=cg_iter)
+
+
+def dc_denoise(
+    loop: SamplingLoop,
+    eps_fn: EpsFn,
+    op: Any,
+    x: torch.Tensor,
+    step: Step,
+    aty: torch.Tensor,
+    *,
+    gamma: float | torch.Tensor,
+    cg_iter: int,
+    clip_x0: float | None,
+    callback: Callback | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first half of a DDS (and DPM-Solver++ with data consistency) step: ε = ε_θ(x_t, t), Tweedie's x̂₀
+    (clipped when ``clip_x0`` is set), its data-consistent version (:func:`data_consistency`), then ``callback``.
+
+    Args:
+        loop: the sampler's :class:`~utils.samplers.core.SamplingLoop` (counts the network call).
+        eps_fn: the noise predictor.
+        op: the forward model.
+        x: x_t, complex ``[B, H, W]``.
+        step: the current step.
+        aty: Aᴴy, complex ``[B, H, W]``.
+        gamma, cg_iter, clip_x0, callback: as in :func:`dds_sample`.
+
+    Returns:
+        ``(eps, x0_hat)``: the network's ε and the data-consistent x̂₀, complex ``[B, H, W]`` each.
+    """
+    eps_ch = loop.eps(eps_fn, complex_to_channels(x), step)
+    with loop.physics():
+        eps = channels_to_complex(eps_ch).to(x.dtype)
+        x0_hat = clip_magnitude(tweedie_x0(x, eps, step.a_t), clip_x0)
+        x0_hat = data_consistency(op, x0_hat, aty, gamma, cg_iter)
+        if callback is not None:
+            callback(step.index, step.t, x, x0_hat)
+    return eps, x0_hat
 
 
 def dds_sample(
@@ -98,12 +136,8 @@ def dds_sample(
         with loop.physics():
             aty = op.adjoint(y).to(x.dtype)
         for step in loop.steps():
-            eps_ch = loop.eps(eps_fn, complex_to_channels(x), step)
+            eps, x0_hat = dc_denoise(loop, eps_fn, op, x, step, aty, gamma=gamma, cg_iter=cg_iter, clip_x0=clip_x0,
+                                     callback=callback)
             with loop.physics():
-                eps = channels_to_complex(eps_ch).to(x.dtype)
-                x0_hat = clip_magnitude(tweedie_x0(x, eps, step.a_t), clip_x0)
-                x0_hat = data_consistency(op, x0_hat, aty, gamma, cg_iter)
-                if callback is not None:
-                    callback(step.index, step.t, x, x0_hat)
                 x = ddim_step(x0_hat, eps, step.a_t, step.a_prev, eta, loop.noise)
     return loop.finish(x)

@@ -23,10 +23,8 @@ from typing import Any
 
 import torch
 
-from utils.channels import channels_to_complex, complex_to_channels
 from utils.samplers.core import Callback, EpsFn, Generators, SamplerStats, SamplingLoop
-from utils.samplers.dds import data_consistency
-from utils.samplers.ddim import clip_magnitude, tweedie_x0
+from utils.samplers.dds import dc_denoise
 from utils.samplers.schedule import DiffusionSchedule
 
 
@@ -92,13 +90,9 @@ def dpmpp2m_sample(
         x0_prev, h_prev = None, None
         for step in loop.steps():
             alpha_s, sigma_s, lam_s = _alpha_sigma_lambda(step.a_t)
-            eps_ch = loop.eps(eps_fn, complex_to_channels(x), step)
+            _, x0_hat = dc_denoise(loop, eps_fn, op, x, step, aty, gamma=gamma, cg_iter=cg_iter, clip_x0=clip_x0,
+                                   callback=callback)
             with loop.physics():
-                eps = channels_to_complex(eps_ch).to(x.dtype)
-                x0_hat = clip_magnitude(tweedie_x0(x, eps, step.a_t), clip_x0)
-                x0_hat = data_consistency(op, x0_hat, aty, gamma, cg_iter)
-                if callback is not None:
-                    callback(step.index, step.t, x, x0_hat)
                 if step.last:
                     x = x0_hat  # the step to σ = 0: α = 1, e^{−h} = 0
                 else:
