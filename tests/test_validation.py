@@ -56,3 +56,20 @@ def test_a_reconstruction_below_zero_filling_is_warned_in_the_log_and_the_figure
         width, height = img.size
     assert width >= 900 and height >= 2 * 200  # four titled panels with colour bars per row, two rows
     assert result.grid is not None and result.grid.shape == (2 * 32, 4 * 32) and result.grid.dtype == np.uint8
+
+
+def test_the_per_slice_function_gives_dps_the_noise_sigma_per_part(one_thread):
+    """--data_root with --noise_sigma σ (complex std): DPS is given σ/√2 (per real/imaginary part), DDS nothing."""
+    from utils.reconstruction import measure_and_reconstruct
+
+    data = _dataset(1, 1)
+    seen = []
+
+    def stub(y, op, records, prompts, gens, **kw):
+        seen.append(kw)
+        return op.adjoint(y), 1
+
+    for sampler in ("dps", "dds"):
+        measure_and_reconstruct(data, ReconSettings(sampler=sampler, noise_sigma=0.02, save_png=False), stub)
+    measure_and_reconstruct(data, ReconSettings(sampler="dps", noise_sigma=0.0, save_png=False), stub)
+    assert seen == [{"noise_sigma": 0.02 / np.sqrt(2.0)}, {}, {}]
