@@ -23,22 +23,13 @@ def _rows(folder: Path) -> dict[tuple[str, int], dict]:
     return {(r["filename"], int(r["slice"])): r for r in rows}
 
 
-def test_trained_model_beats_zero_filling_on_held_out_slices(tmp_path, one_thread):
+def test_trained_model_beats_zero_filling_on_held_out_slices(shepp_logan_prior, tmp_path, one_thread):
     import recon_complex_multi
-    from utils.training import main as train_main
 
-    train_csv = write_tiny_dataset(tmp_path, "brain", num_files=8, slices_per_file=8, crop=32, coils=4, seed=0,
-                                   phantom="shepp_logan")
+    # The model: the session's shepp_logan_prior (tests/conftest.py: 300 steps of compact.json on the family).
+    model = shepp_logan_prior["model"]
     val_csv = write_tiny_dataset(tmp_path, "brain", split="val", num_files=1, slices_per_file=6, crop=32, coils=4,
                                  seed=99, phantom="shepp_logan")
-    model = tmp_path / "model"
-    assert train_main(argv=[
-        "--unet_config", str(REPO / "configs" / "unet" / "compact.json"), "--data_root", str(tmp_path),
-        "--mri_metadata_dir_brain", str(train_csv), "--resolution", "32", "--train_batch_size", "8",
-        "--max_train_steps", "300", "--learning_rate", "1e-3", "--lr_warmup_steps", "10", "--lr_scheduler",
-        "constant_with_warmup", "--text_encoder_type", "none", "--unconditional", "--seed", "0",
-        "--dataloader_num_workers", "0", "--report_to", "none", "--checkpointing_steps", "100000",
-        "--output_dir", str(model)]) == 0
 
     common = ["--data_root", str(tmp_path), "--load_dir_meta_brain", str(val_csv), "--crop_size", "32",
               "--mask_type", "uniform1d", "--acc_factor", "4", "--save_dir", str(tmp_path / "recon"), "--no_png",
