@@ -94,10 +94,18 @@ def _recon(root: Path, save_dir: str) -> list[str]:
             "--no_png", "--save_dir", str(root / save_dir)]
 
 
+def _reference_run(root: Path) -> None:
+    """The plain one-process run (in this process: the shards are the separate processes), once per module."""
+    import recon_complex_multi
+
+    if not (root / "one").is_dir():
+        assert recon_complex_multi.main(_recon(root, "one")[1:]) == 0
+
+
 def test_recon_shards_as_separate_processes_merge_to_the_one_run_summary(val_root):
     root = val_root
     py = sys.executable
-    _run([py, str(REPO / "recon_complex_multi.py"), *_recon(root, "one")[1:]], root)
+    _reference_run(root)
     one_dir = _one_dir(root / "one")
     one = json.loads((one_dir / "summary.json").read_text())
     assert one["complete"] and one["num_slices"] == 6
@@ -157,8 +165,7 @@ def test_readme_multi_node_command_two_launchers_stand_in_for_two_nodes(val_root
                                       text=True))
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
-    if not (root / "one").is_dir():  # the reference run of the test above (when this test runs alone)
-        _run([sys.executable, str(REPO / "recon_complex_multi.py"), *_recon(root, "one")[1:]], root)
+    _reference_run(root)
     nodes_dir, one_dir = _one_dir(root / "nodes"), _one_dir(root / "one")
     assert nodes_dir.name == one_dir.name
     assert _comparable(json.loads((nodes_dir / "summary.json").read_text())) == \
