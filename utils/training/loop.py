@@ -46,7 +46,7 @@ from utils.training.checkpointing import (
     resolve_resume_checkpoint,
     write_checkpoint_config,
 )
-from utils.training.config import ConfigError, NonFiniteLossError, OODTrainConfig, TrainConfig
+from utils.training.config import ConfigError, NonFiniteLossError, TrainConfig
 from utils.training.data_loading import TrainBatch, build_training_data, make_dataloader, updates_per_epoch
 from utils.training.diffusion import PREDICTION_TYPES, add_noise, prediction_target, sample_timesteps, step_generator
 from utils.training.ema import EMA
@@ -306,7 +306,7 @@ def train(config: TrainConfig, step_callback: Callable[[StepInfo], None] | None 
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"the scheduler predicts {prediction_type!r}; training supports {PREDICTION_TYPES}")
     num_t = int(scheduler.config.num_train_timesteps)
-    is_ood = isinstance(config, OODTrainConfig) and config.use_ood
+    is_ood = config.is_ood
     if is_ood and not 0 <= config.ood_t_min < num_t:
         raise ConfigError(f"--ood_t_min {config.ood_t_min} must lie in [0, {num_t})")
     if config.dry_run:
