@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from utils.distributed import exclusive_lock
 from utils.files import atomic_write_text
 from utils.metadata import CARDIAC_COLUMNS, EXTRA_COLUMNS, REFERENCE_COLUMNS, is_missing
 
@@ -66,20 +66,6 @@ class MergeCounts(NamedTuple):
         return text + (f", {self.dropped} dropped" if self.dropped else "")
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (POSIX ``flock``; a no-op elsewhere): one read-merge-write at a time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        try:
-            import fcntl
-
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except (ImportError, OSError):  # no flock (e.g. Windows): runs into one root must then be sequential
-            pass
-        yield
-
-
 def _row_key(row: dict[str, Any], index_column: str) -> tuple[str, float]:
     """``(filename, index)`` of a CSV row; the index as a number so that 10 sorts after 9."""
     raw = row.get(index_column)
@@ -108,7 +94,7 @@ def merge_metadata_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns
     new_rows = [{c: _cell(row.get(c)) for c in columns} for row in rows]
     run_files = {r["filename"] for r in new_rows}
     new_keys = {_row_key(r, index_column) for r in new_rows}
-    with _locked(path.with_name(f".{path.name}.lock")):
+    with exclusive_lock(path.with_name(f".{path.name}.lock")):
         old_rows: list[dict[str, str]] = []
         out_columns = list(columns)
         if path.is_file():
