@@ -95,6 +95,15 @@ def seed_from_name(filename: str, slice_idx: int) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
 
 
+
+def sample_seed(filename: str, slice_idx: int, seed: int) -> int:
+    """Seed of a slice's sampler noise for run seed ``seed`` (ensemble member ``k`` uses ``seed + k``).
+
+    Derived from :func:`seed_from_name`, so the noise of a slice is the same in every process, batch and shard, and
+    two methods or models with the same ``seed`` see the same draws; a large odd stride keeps the run seeds apart.
+    """
+    return (seed_from_name(filename, slice_idx) + 1_000_003 * int(seed)) % 2**63
+
 def get_mask(
     mask_type: str,
     shape: tuple[int, ...],

@@ -284,10 +284,10 @@ def slice_noise(filename: str, slice_idx: int, seed: int, num: int, shape: Seque
 
     The draws do not depend on the device, the batch or the model, so two models are compared on the same noise.
     """
-    from utils.masks import seed_from_name
+    from utils.masks import sample_seed
 
     gen = torch.Generator(device="cpu")
-    gen.manual_seed((seed_from_name(filename, slice_idx) + 1_000_003 * int(seed)) % (1 << 63))
+    gen.manual_seed(sample_seed(filename, slice_idx, seed))
     return torch.randn((num, *shape), generator=gen, dtype=torch.float32)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from utils.files import atomic_write_bytes, sha256_json, tmp_name, write_json
-from utils.masks import seed_from_name
+from utils.masks import sample_seed
 from utils.recon_options import SamplerSettings
 from utils.raw_data import (
     RawVolume,
@@ -389,7 +389,7 @@ def _diffusion_batch(vol, idxs, meas, maps, scales, sigmas, prior_shape, s: RawR
     for k in range(s.num_samples):
         gens = [
             torch.Generator(device=device).manual_seed(
-                (seed_from_name(vol.stem, idx) + 1_000_003 * (s.seed + k)) % 2**63
+                sample_seed(vol.stem, idx, s.seed + k)
             )
             for idx in idxs
         ]

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from utils.files import atomic_save_npy, atomic_write_text, sha256_file, sha256_json, write_json
-from utils.masks import MaskResult, default_center_fraction, get_mask, seed_from_name
+from utils.masks import MaskResult, default_center_fraction, get_mask, sample_seed, seed_from_name
 from utils.operators import SenseOperator
 from utils.recon_options import SamplerSettings
 from utils.samplers import ensemble_stats
@@ -658,7 +658,7 @@ def measure_and_reconstruct(
         for k in range(settings.num_samples):
             gens = [
                 torch.Generator(device=device).manual_seed(
-                    (seed_from_name(item.filename, item.slice_idx) + 1_000_003 * (settings.seed + k)) % 2**63
+                    sample_seed(item.filename, item.slice_idx, settings.seed + k)
                 )
                 for item in group
             ]
