@@ -1,6 +1,7 @@
 """Datasets over the preprocessed slice layout and the metadata CSVs.
 
-Layout (written by ``pre_processing_final.py`` / ``pre_process_cmrx.py``, and the released ContextMRI data)::
+Layout (:mod:`utils.preprocessing.layout` is the one place that builds these paths; written by
+``pre_processing_final.py`` / ``pre_process_cmrx.py``, and the released ContextMRI data)::
 
     {data_root}/{anatomy}_mvue_{crop}_{split}/slice/{file}/{idx:03d}.npy   complex64 [crop, crop]
     {data_root}/{anatomy}_mvue_{crop}_{split}/mps/{file}/{idx:03d}.npy     complex64 [C, crop, crop]
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.metadata import build_prompt, load_metadata_csv, record_from_row
+from utils.preprocessing.layout import dataset_dir, slice_paths
 
 logger = logging.getLogger(__name__)
 
@@ -197,10 +199,8 @@ class MRISliceDataset(Dataset):
                 if not anatomy or not filename:
                     problems.append(f"{where}: missing anatomy or filename")
                     continue
-                ds_dir = self.data_root / f"{anatomy}_mvue_{crop_size}_{split}"
-                name = f"{idx:03d}.npy"
-                item = _Item(record, anatomy, filename, idx, ds_dir / "slice" / filename / name,
-                             ds_dir / "mps" / filename / name)  # fmt: skip
+                ds_dir = dataset_dir(self.data_root, anatomy, crop_size, split)
+                item = _Item(record, anatomy, filename, idx, *slice_paths(ds_dir, filename, idx))
                 problem = self._check(item)
                 if problem:
                     problems.append(f"{where} ({filename} slice {idx}): {problem}")
