@@ -10,7 +10,8 @@ for every method, reconstructs the held-out volumes once more from their raw, no
 --raw_dir: ACS-only coil maps, measured scale and noise, scored against reconstruction_rss) beside the re-simulated
 path on the same slices (how much the inverse crime flatters the numbers), and prints the results table with an
 information line per model, a metadata-sensitivity check, a paired per-slice comparison and an uncertainty-calibration
-check. Interrupted runs resume.
+check. Interrupted runs resume; {output_dir}/settings.json records the options, so
+``python demo.py --config {output_dir}/settings.json`` repeats (or resumes) the run.
 
     python demo.py --output_dir demo_output
     python demo.py --output_dir /tmp/quick --quick      # a 3-minute smoke run (numbers meaningless)
@@ -20,76 +21,179 @@ check. Interrupted runs resume.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from utils.demo import DemoConfig, run_demo
-from utils.study import StudyConfig, run_study
+from utils import cli
+from utils.cli import option
+from utils.demo_config import TEXT_ENCODERS, DemoConfig
+from utils.study import StudyConfig
+
+PROG = "demo.py"
+#: The options' own file in the output folder: ``--config`` reads it back.
+SETTINGS_FILE = "settings.json"
+SETTINGS_VERSION = 1
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of the dataclass ``cls`` (the library's configs own the demo's defaults)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+_D = DemoConfig  # short, for the defaults below
+
+#: What ``--quick`` sets on the :class:`DemoConfig` (tiny sizes: checks the pipeline, not the claim). The first six
+#: are options too: giving one of them a non-default value beside ``--quick`` is refused (``--quick`` would override it).
+QUICK: dict[str, Any] = {
+    "volumes_per_contrast": 2, "num_slices": 2, "train_steps": 4, "recon_steps": 5, "ensemble_size": 2,
+    "max_val_slices": 2, "contrasts": ("AXT1", "AXT2"), "batch_size": 2, "matrix": "64x32", "crop_size": 32,
+    "report_slices": 2, "report_noise": 1, "report_timesteps": (50, 500),
+}
+
+_GROUPS = {None: "options", "data": "simulated data", "training": "training (every model, equal budget)",
+           "reconstruction": "reconstruction", "raw": "raw k-space vs. re-simulated rows", "run": "what to run"}
+
+
+@dataclass
+class DemoOptions:
+    """Every option of ``demo.py`` (mapped onto :class:`utils.demo_config.DemoConfig` / ``StudyConfig``)."""
+
+    output_dir: Path | None = option(
+        None, "output folder (stages found finished there are reused)",
+        default_text=f"{_default(_D, 'output_dir')}; with --study: {_default(StudyConfig, 'output_dir')}")
+    volumes_per_contrast: int = option(_default(_D, "volumes_per_contrast"),
+                                       "simulated subjects per contrast, one of each held out (>= 2)", group="data")
+    num_slices: int = option(_default(_D, "num_slices"), "slices per simulated volume", group="data")
+    seed: int = option(_default(_D, "seed"), "seed of the data, the training and the reconstructions", group="data")
+    train_steps: int = option(_default(_D, "train_steps"), "optimiser steps of every model (>= 1)", group="training")
+    text_encoder: str = option(_default(_D, "text_encoder"),
+                               "text baseline: random CLIP tower frozen + projection trained, trained from scratch "
+                               "with the UNet, or trained from scratch at --text_encoder_lr", choices=TEXT_ENCODERS,
+                               group="training")
+    text_encoder_lr: float = option(_default(_D, "text_encoder_lr"),
+                                    "learning rate of the text encoder with --text_encoder scratch_lr",
+                                    group="training")
+    with_ood: bool = option(False, "also train the fine-grained model with the cardiac set (train_mri_ood.py); adds "
+                                   "~1/3 time", group="training")
+    recon_steps: int = option(_default(_D, "recon_steps"), "DDS sampler steps of every diffusion reconstruction",
+                              group="reconstruction")
+    ensemble_size: int = option(_default(_D, "ensemble_size"),
+                                "samples of the fine-grained ensemble (its std map is the uncertainty)",
+                                group="reconstruction")
+    max_val_slices: int = option(_default(_D, "max_val_slices"), "held-out slices reconstructed (the first ones)",
+                                 group="reconstruction")
+    no_noise: bool = option(False, "leave out the noisy-measurement rows", group="reconstruction")
+    raw_accelerations: list[float] = option(
+        list(_default(_D, "raw_accelerations")),
+        "rates (> 1) of the raw-k-space rows (held-out volumes through recon_complex_multi.py --raw_dir, beside the "
+        "re-simulated path on the same slices); given with no value: no raw rows", allow_empty=True, group="raw")
+    raw_center_fraction: float = option(_default(_D, "raw_center_fraction"),
+                                        "centre fraction in (0, 1) of the raw-vs-re-simulated rows (their ACS lines "
+                                        "give the coil maps)", group="raw")
+    quick: bool = option(False, "tiny sizes (2 contrasts x 2 subjects x 2 slices, 32x32, 4 training steps, 5 "
+                                "sampler steps): checks the pipeline, not the claim", group="run")
+    study: bool = option(False, "the powered study instead of the demo (utils/study.py): 5 models x --seeds, noisy "
+                                "8x with a small centre fraction, pooled paired differences with 95 %% intervals and "
+                                "verdicts; expected ~75-90 min on 2 idle cores", group="run")
+    seeds: list[int] = option(list(_default(StudyConfig, "seeds")), "--study: distinct seeds (>= 2 for an interval)",
+                              group="run")
+
+    def resolved_output_dir(self) -> Path:
+        """The output folder: ``--output_dir``, else the demo's or the study's default."""
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(_default(StudyConfig, "output_dir") if self.study else _default(_D, "output_dir"))
+
+    def problem(self) -> str | None:
+        """The first bad combination of values (one line for the user), or ``None``."""
+        if any(r <= 1 for r in self.raw_accelerations) or not 0 < self.raw_center_fraction < 1:
+            return "--raw_accelerations must be > 1 and --raw_center_fraction in (0, 1)"
+        if self.quick:
+            overridden = [f"--{k}" for k in QUICK if hasattr(self, k) and getattr(self, k) != _default(DemoOptions, k)]
+            if overridden:
+                return f"--quick sets {', '.join(overridden)} itself; leave out --quick or those options"
+        elif self.train_steps < 1 or self.volumes_per_contrast < 2:
+            return "need --train_steps >= 1 and --volumes_per_contrast >= 2 (one subject per contrast is held out)"
+        if self.study and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            return "--seeds must be distinct"
+        return None
+
+    def demo_config(self) -> DemoConfig:
+        """The :class:`DemoConfig` of these options (the demo's own, or the per-seed template of the study)."""
+        cfg = DemoConfig(output_dir=Path(self.output_dir) if self.output_dir is not None else _default(_D, "output_dir"),
+                         train_steps=self.train_steps, volumes_per_contrast=self.volumes_per_contrast,
+                         num_slices=self.num_slices, recon_steps=self.recon_steps, ensemble_size=self.ensemble_size,
+                         max_val_slices=self.max_val_slices, seed=self.seed, text_encoder=self.text_encoder,
+                         text_encoder_lr=self.text_encoder_lr, raw_accelerations=tuple(self.raw_accelerations),
+                         raw_center_fraction=self.raw_center_fraction)
+        if self.no_noise:
+            cfg.noise_sigma = None
+        if self.with_ood:
+            cfg.methods = (*cfg.methods, "fine-grained+ood")
+        if self.quick:
+            for key, value in QUICK.items():
+                setattr(cfg, key, value)
+        if self.study:
+            cfg.report_keys = None  # the study reports every attribute a model reads
+        return cfg
+
+    def config(self) -> DemoConfig | StudyConfig:
+        """What to run: the demo's :class:`DemoConfig`, or with ``--study`` a ``StudyConfig``."""
+        cfg = self.demo_config()
+        if self.study:
+            return StudyConfig(output_dir=self.resolved_output_dir(), seeds=tuple(self.seeds), demo=cfg)
+        return cfg
+
+    def settings(self) -> dict[str, Any]:
+        """These options as the JSON object of ``settings.json`` (``--config`` reads it back)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["output_dir"] = str(self.resolved_output_dir())
+        return {"version": SETTINGS_VERSION, **out}
+
+
+def build_parser():
+    """The parser of :class:`DemoOptions` (with ``--config FILE``)."""
+    return cli.build_parser(DemoOptions, prog=PROG, description=__doc__, group_titles=_GROUPS,
+                            config_help=f"a run's {SETTINGS_FILE} (or any JSON of these options): its options, with "
+                                        "those given on the command line overriding them")
+
+
+def parse_options(argv: list[str] | None = None) -> DemoOptions:
+    """The checked options of a command line; bad arguments exit 2 with one line, before anything is written."""
+    options = cli.parse(DemoOptions, argv, build_parser())
+    problem = options.problem()
+    if problem:
+        cli.fail(PROG, problem)
+    return options
 
 
 def parse_args(argv: list[str] | None = None) -> DemoConfig | StudyConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = DemoConfig()
-    p.add_argument("--output_dir", type=Path, default=d.output_dir)
-    p.add_argument("--train_steps", type=int, default=d.train_steps)
-    p.add_argument("--volumes_per_contrast", type=int, default=d.volumes_per_contrast)
-    p.add_argument("--num_slices", type=int, default=d.num_slices)
-    p.add_argument("--recon_steps", type=int, default=d.recon_steps)
-    p.add_argument("--ensemble_size", type=int, default=d.ensemble_size)
-    p.add_argument("--max_val_slices", type=int, default=d.max_val_slices)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--with_ood", action="store_true",
-                   help="also train the fine-grained model with the cardiac set (train_mri_ood.py); adds ~1/3 time")
-    p.add_argument("--text_encoder", choices=("frozen", "scratch", "scratch_lr"), default=d.text_encoder,
-                   help="text baseline: random CLIP tower frozen + projection trained (default), trained from scratch "
-                        "with the UNet, or trained from scratch at --text_encoder_lr")
-    p.add_argument("--text_encoder_lr", type=float, default=d.text_encoder_lr)
-    p.add_argument("--no_noise", action="store_true", help="leave out the noisy-measurement rows")
-    p.add_argument("--raw_accelerations", type=float, nargs="*", default=list(d.raw_accelerations),
-                   help="rates of the raw-k-space rows (held-out volumes through recon_complex_multi.py --raw_dir, "
-                        "beside the re-simulated path on the same slices); none: no raw rows")
-    p.add_argument("--raw_center_fraction", type=float, default=d.raw_center_fraction,
-                   help="centre fraction of the raw-vs-re-simulated rows (their ACS lines give the coil maps)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the claim")
-    p.add_argument("--study", action="store_true",
-                   help="the powered study instead of the demo (utils/study.py): 5 models x --seeds, noisy 8x with a "
-                        "small centre fraction, pooled paired differences with 95 %% intervals and verdicts; default "
-                        "--output_dir study_output; expected ~75-90 min on 2 idle cores (not yet run)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--study: seeds (>= 2 for an interval)")
-    a = p.parse_args(argv)
-    cfg = DemoConfig(output_dir=a.output_dir, train_steps=a.train_steps, volumes_per_contrast=a.volumes_per_contrast,
-                     num_slices=a.num_slices, recon_steps=a.recon_steps, ensemble_size=a.ensemble_size,
-                     max_val_slices=a.max_val_slices, seed=a.seed, text_encoder=a.text_encoder,
-                     text_encoder_lr=a.text_encoder_lr)
-    if a.no_noise:
-        cfg.noise_sigma = None
-    if any(r <= 1 for r in a.raw_accelerations) or not 0 < a.raw_center_fraction < 1:
-        p.error("--raw_accelerations must be > 1 and --raw_center_fraction in (0, 1)")
-    cfg.raw_accelerations, cfg.raw_center_fraction = tuple(a.raw_accelerations), a.raw_center_fraction
-    if a.with_ood:
-        cfg.methods = (*cfg.methods, "fine-grained+ood")
-    if a.quick:
-        cfg.volumes_per_contrast, cfg.num_slices, cfg.train_steps, cfg.recon_steps = 2, 2, 4, 5
-        cfg.contrasts = ("AXT1", "AXT2")
-        cfg.ensemble_size, cfg.max_val_slices, cfg.batch_size = 2, 2, 2
-        cfg.matrix, cfg.crop_size = "64x32", 32
-        cfg.report_slices, cfg.report_noise, cfg.report_timesteps = 2, 1, (50, 500)
-    if cfg.train_steps < 1 or cfg.volumes_per_contrast < 2:
-        p.error("need --train_steps >= 1 and --volumes_per_contrast >= 2 (one subject per contrast is held out)")
-    if a.study:
-        if len(set(a.seeds)) != len(a.seeds) or not a.seeds:
-            p.error("--seeds must be distinct")
-        cfg.report_keys = None  # the study reports every attribute a model reads
-        out = a.output_dir if "--output_dir" in (argv if argv is not None else sys.argv) else Path("study_output")
-        return StudyConfig(output_dir=out, seeds=tuple(a.seeds), demo=cfg)
-    return cfg
+    """What a command line runs: a :class:`DemoConfig`, or with ``--study`` a ``StudyConfig``."""
+    return parse_options(argv).config()
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_options(argv)
+    config = options.config()
+    from utils.files import write_json
+
+    out = options.resolved_output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / SETTINGS_FILE, options.settings())  # first, so that an interrupted run resumes with --config
+    if isinstance(config, StudyConfig):
+        from utils.study import run_study
+
+        run_study(config)
+    else:
+        from utils.demo import run_demo
+
+        run_demo(config)
+    return 0
 
 
 if __name__ == "__main__":
-    config = parse_args()
-    if isinstance(config, StudyConfig):
-        run_study(config)
-    else:
-        run_demo(config)
-    sys.exit(0)
+    sys.exit(main())

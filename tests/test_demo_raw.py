@@ -1,4 +1,4 @@
-"""The demo's raw-k-space vs re-simulated comparison (utils/demo.py): which volumes, which slices, the paired numbers.
+"""The demo's raw-k-space vs re-simulated comparison (utils/demo_raw.py): which volumes and slices, the paired numbers.
 
 The reconstructions themselves are the scripts' (tested in tests/test_raw_recon.py and tests/test_reconstruction.py);
 here they are replaced by folders in the scripts' layout, so the orchestration is checked in well under a second.
@@ -14,11 +14,11 @@ import h5py
 import numpy as np
 import pytest
 
-from utils import demo
-from utils.demo import (
+from utils import demo_raw
+from utils.demo_config import DemoConfig
+from utils.demo_raw import (
     RAW_PATH,
     RESIM_PATH,
-    DemoConfig,
     heldout_raw_files,
     paired_volume_difference,
     raw_comparison_lines,
@@ -103,10 +103,10 @@ def test_raw_vs_resimulated_runs_both_paths_on_the_same_slices(tmp_path, monkeyp
         slices = [("a", 0), ("a", 1)] + ([("b", 0)] if extra_slice["on"] else [])
         return _fake_run(tmp_path / "s" / tag, slices, {"a": 22.5}, "scored")
 
-    monkeypatch.setattr(demo, "reconstruct_raw", fake_raw)
-    monkeypatch.setattr(demo, "reconstruct", fake_resim)
+    monkeypatch.setattr(demo_raw, "reconstruct_raw", fake_raw)
+    monkeypatch.setattr(demo_raw, "reconstruct", fake_resim)
     models = {"fine-grained": tmp_path / "model", "unconditioned": tmp_path / "u"}  # unconditioned: not in raw_methods
-    entries = demo.raw_vs_resimulated(cfg, models, items, {})
+    entries = demo_raw.raw_vs_resimulated(cfg, models, items, {})
     assert sorted(t for t, _ in calls["raw"]) == ["cs", "fine-grained", "zero_filled"]
     assert all(names == ["a.h5"] for _, names in calls["raw"])  # exactly the complete held-out volumes
     assert sorted(calls["resim"]) == [(f"{t}_cf0.125", 0.125, 2) for t in ("cs", "fine-grained", "zero_filled")]
@@ -122,4 +122,4 @@ def test_raw_vs_resimulated_runs_both_paths_on_the_same_slices(tmp_path, monkeyp
 
     extra_slice["on"] = True  # the re-simulated run holds a slice the raw one does not: refused, not compared
     with pytest.raises(RuntimeError, match="different slices"):
-        demo.raw_vs_resimulated(cfg, models, items, {})
+        demo_raw.raw_vs_resimulated(cfg, models, items, {})

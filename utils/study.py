@@ -1,7 +1,7 @@
 """The powered experiment the demo cannot be: does metadata help, over several seeds, where it can?
 
 ``python demo.py --study`` runs, for each seed (other simulated subjects *and* other initialisations), the demo's own
-stages (:mod:`utils.demo`) into ``{output_dir}/seed_{s}/``:
+stages (:mod:`utils.demo_stages`) into ``{output_dir}/seed_{s}/``:
 
 1. simulate + preprocess the brain and cardiac sets;
 2. train, at equal budget (same UNet, steps, batch, learning rate, null-condition rate), the unconditioned model, the
@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from utils.demo import SHORT, DemoConfig, Stage, prepare_and_train, reconstruct_all, report_all
+from utils.demo_config import DemoConfig
+from utils.demo_stages import SHORT, Stage, prepare_and_train, reconstruct_all, report_all
 
 #: (first, second, what it tests): the first minus the second, per slice.
 COMPARISONS: tuple[tuple[str, str, str], ...] = (
@@ -62,7 +63,7 @@ class StudyConfig:
     def seed_config(self, seed: int) -> DemoConfig:
         return replace(self.demo, output_dir=Path(self.output_dir) / f"seed_{seed}", seed=seed, methods=self.methods,
                        accelerations=(self.acceleration,), center_fraction=self.center_fraction,
-                       noise_sigma=self.noise_sigma, noise_gamma=self.gamma, log=[])
+                       noise_sigma=self.noise_sigma, noise_gamma=self.gamma)
 
 
 def t_quantile_975(df: int) -> float:
@@ -229,7 +230,7 @@ def run_study(cfg: StudyConfig) -> Path:
     atomic_write_text(cfg.output_dir / "study.md", text + "\n")
     cfg_dict = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "demo"}
     cfg_dict["demo"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg.demo).items()
-                        if k not in ("output_dir", "log")}
+                        if k != "output_dir"}
     write_json(cfg.output_dir / "study.json",
                {"config": cfg_dict, "comparisons": comparisons, "information": info, "volume_psnr": psnr,
                 "per_seed": {str(s): {"dirs": {k: str(v) for k, v in d["dirs"].items()}, "timings_s": d["timings_s"]}
