@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.demo_config import DemoConfig
+from utils.files import atomic_write_text, write_json
 
 
 def number(value: float | None, fmt: str = ".2f") -> str:
@@ -58,6 +59,8 @@ def write_results(cfg: DemoConfig, results: Sequence, reports: Mapping[str, dict
         timings: seconds per stage.
         t_all: ``time.perf_counter()`` at the start of the demo (the report states the total wall time).
     """
+    import pandas as pd
+
     from utils.report import results_table
 
     table, rows = results_table(results)
@@ -115,15 +118,10 @@ def write_results(cfg: DemoConfig, results: Sequence, reports: Mapping[str, dict
             "sharing.",
     ]
     report = "\n".join(lines)
-    from utils.files import atomic_write_text, write_json
-
     atomic_write_text(cfg.output_dir / "results.md", report + "\n")
-    import pandas as pd
-
     atomic_write_text(cfg.output_dir / "results.csv", pd.DataFrame(rows).to_csv(index=False))
     if raw_entries:
-        atomic_write_text(cfg.output_dir / "results_raw.csv",
-                          pd.DataFrame(raw_rows).to_csv(index=False))
+        atomic_write_text(cfg.output_dir / "results_raw.csv", pd.DataFrame(raw_rows).to_csv(index=False))
     write_json(cfg.output_dir / "results.json",
                {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "rows": rows,
                 "information": {m: {"line": information_line(m, r), "verdict": r["verdict"],

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from utils.demo_config import TEXT_ENCODERS, DemoConfig
+from utils.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,7 +194,6 @@ def metadata_report(cfg: DemoConfig, method: str, model: Path, report_dir: Path)
     A report is reused only when it was made from this very model export (its fingerprint) with these settings:
     ``source.json`` beside it records both, so a retrained model or a changed setting reruns the report.
     """
-    from utils.files import write_json
     from models.loading import export_fingerprint
 
     root = cfg.output_dir / "fastmri"
