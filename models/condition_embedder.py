@@ -40,6 +40,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from models.choices import CFG_STRATEGIES  # re-exported
 from utils.metadata import is_missing, load_metadata_stats, parse_pathology_cell
 
 #: Keys embedded after ``log1p`` by default: TR spans two decades (~40 to ~16000 ms), TE ~1.4 to ~130 ms and TI
@@ -47,7 +48,6 @@ from utils.metadata import is_missing, load_metadata_stats, parse_pathology_cell
 DEFAULT_LOG_KEYS: tuple[str, ...] = ("TR", "TE", "TI")
 #: Keys whose stats vocabulary is a label set (a record holds a list of labels) rather than a single category.
 DEFAULT_MULTI_LABEL_KEYS: tuple[str, ...] = ("pathology",)
-CFG_STRATEGIES: tuple[str, ...] = ("joint", "independent")
 
 
 class MetadataEmbedding(NamedTuple):

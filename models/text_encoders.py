@@ -13,8 +13,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from models.choices import TEXT_ENCODER_KINDS  # re-exported
+
 TextEncoderKind = Literal["clip", "t5", "none"]
-TEXT_ENCODER_KINDS: tuple[str, ...] = ("clip", "t5", "none")
 
 
 class TextConditioner(nn.Module):

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from models.choices import RELEASED_MODEL_TYPES  # re-exported: models.unet.RELEASED_MODEL_TYPES
+
 UNET_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "unet"
-RELEASED_MODEL_TYPES: tuple[str, ...] = ("fastmri", "skm-tea")
 
 
 def resolve_unet_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:

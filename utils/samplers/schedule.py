@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
+from models.choices import PREDICTION_TYPES  # re-exported: utils.samplers.PREDICTION_TYPES
+
 TIMESTEP_SPACINGS = ("leading", "uniform", "trailing", "linspace")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def make_timesteps(
