@@ -5,7 +5,8 @@ settings with their defaults, and the model options shared by ``recon_complex_mu
 :class:`utils.raw_reconstruction.RawReconSettings` (``--raw_dir``) and of the command line of
 ``recon_complex_multi.py``; :class:`utils.diffusion_recon.DiffusionReconstructor` takes its defaults from
 :data:`SAMPLER_DEFAULTS`. The named presets (``--preset``, :data:`utils.samplers.PRESETS`) override these fields.
-Only standard-library imports here, so every script's ``--help`` stays cheap.
+Only standard-library imports here (and :mod:`models.choices`, itself standard library only), so every script's
+``--help`` stays cheap.
 """
 
 from __future__ import annotations
@@ -13,16 +14,25 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from models.choices import RELEASED_MODEL_TYPES
 from utils.cli import option
 
 #: Reconstruction methods: the diffusion prior and the two baselines.
 RECON_METHODS = ("diffusion", "zero_filled", "cs")
 #: Diffusion samplers with data consistency that the reconstructor runs.
 RECON_SAMPLERS = ("dds", "dps")
-#: Precisions of the network (data consistency always stays fp32 / complex64).
+#: accelerate's ``mixed_precision`` values: the network's precision in reconstruction (data consistency always stays
+#: fp32 / complex64) and in training.
 PRECISIONS = ("no", "fp16", "bf16")
-#: Released UNets of the MRI_checkpoint folder.
-PRETRAINED_MODEL_TYPES = ("fastmri", "skm-tea")
+#: What a run does with metadata-CSV rows whose slice files are missing (:class:`utils.data.MRISliceDataset`'s
+#: ``on_missing``): stop with the list, or drop them with one warning.
+ON_MISSING_POLICIES = ("error", "skip")
+#: ``--raw_dir``'s DDS γ rule (:class:`utils.raw_reconstruction.RawReconSettings` ``gamma_rule``): γ as given, or
+#: lowered per slice from the estimated noise σ.
+GAMMA_RULES = ("fixed", "noise")
+#: ``--raw_dir``'s field of view outside the prior's window (``RawReconSettings.outside``): a regularised
+#: least-squares estimate held fixed, or empty.
+OUTSIDE_MODES = ("lsq", "zero")
 
 
 @dataclass
@@ -90,7 +100,7 @@ class ModelOptions:
     pretrained_model_name_or_path: str | None = option(None, "released MRI_checkpoint folder (local)", group="model")
     pretrained_model_type: str | None = option(
         None, "released UNet subfolder; a value contradicting a LoRA run's base is refused",
-        choices=PRETRAINED_MODEL_TYPES, group="model",
+        choices=RELEASED_MODEL_TYPES, group="model",
         default_text="the --finetune_folder run's own (run_config.json), else fastmri")
     finetune_folder: str | None = option(None, "output folder of train_mri.py / train_mri_ood.py", group="model")
     enable_condition_emb: bool = option(False, "the model uses fine-grained metadata tokens", group="model")

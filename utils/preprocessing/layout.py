@@ -15,10 +15,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from utils.files import atomic_save_npy, atomic_write_text, remove_stale_tmp, to_json
+from utils.preprocessing.names import SPLITS  # re-exported: utils.preprocessing.layout.SPLITS
 from utils.preprocessing.slices import BadSliceError, SliceOutput, output_problem
-
-#: The splits of a dataset (the ``{split}`` of its folder name); metadata stats come from ``train`` only.
-SPLITS: tuple[str, ...] = ("train", "val")
 
 
 def dataset_dir(output_root: str | Path, anatomy: str, crop_size: int, split: str) -> Path:
