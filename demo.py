@@ -47,7 +47,7 @@ def _default(cls: type, name: str) -> Any:
 _D = DemoConfig  # short, for the defaults below
 
 #: What ``--quick`` sets on the :class:`DemoConfig` (tiny sizes: checks the pipeline, not the claim). The first six
-#: are options too: giving one of them a non-default value beside ``--quick`` is refused (``--quick`` would override it).
+#: are options too: a non-default value of one of them beside ``--quick`` is refused (``--quick`` would override it).
 QUICK: dict[str, Any] = {
     "volumes_per_contrast": 2, "num_slices": 2, "train_steps": 4, "recon_steps": 5, "ensemble_size": 2,
     "max_val_slices": 2, "contrasts": ("AXT1", "AXT2"), "batch_size": 2, "matrix": "64x32", "crop_size": 32,
@@ -113,7 +113,8 @@ class DemoOptions:
         if any(r <= 1 for r in self.raw_accelerations) or not 0 < self.raw_center_fraction < 1:
             return "--raw_accelerations must be > 1 and --raw_center_fraction in (0, 1)"
         if self.quick:
-            overridden = [f"--{k}" for k in QUICK if hasattr(self, k) and getattr(self, k) != _default(DemoOptions, k)]
+            names = {f.name for f in dataclasses.fields(self)}
+            overridden = [f"--{k}" for k in QUICK if k in names and getattr(self, k) != _default(DemoOptions, k)]
             if overridden:
                 return f"--quick sets {', '.join(overridden)} itself; leave out --quick or those options"
         elif self.train_steps < 1 or self.volumes_per_contrast < 2:
@@ -124,9 +125,10 @@ class DemoOptions:
 
     def demo_config(self) -> DemoConfig:
         """The :class:`DemoConfig` of these options (the demo's own, or the per-seed template of the study)."""
-        cfg = DemoConfig(output_dir=Path(self.output_dir) if self.output_dir is not None else _default(_D, "output_dir"),
-                         train_steps=self.train_steps, volumes_per_contrast=self.volumes_per_contrast,
-                         num_slices=self.num_slices, recon_steps=self.recon_steps, ensemble_size=self.ensemble_size,
+        output_dir = Path(self.output_dir) if self.output_dir is not None else _default(_D, "output_dir")
+        cfg = DemoConfig(output_dir=output_dir, train_steps=self.train_steps,
+                         volumes_per_contrast=self.volumes_per_contrast, num_slices=self.num_slices,
+                         recon_steps=self.recon_steps, ensemble_size=self.ensemble_size,
                          max_val_slices=self.max_val_slices, seed=self.seed, text_encoder=self.text_encoder,
                          text_encoder_lr=self.text_encoder_lr, raw_accelerations=tuple(self.raw_accelerations),
                          raw_center_fraction=self.raw_center_fraction)

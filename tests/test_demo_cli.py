@@ -4,7 +4,6 @@ hand-written argparse it replaced. The demo itself is never run here (``run_demo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import subprocess
