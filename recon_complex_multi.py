@@ -36,8 +36,11 @@ from utils.cli import option
 from utils.data_hints import missing_csv_hint
 from utils.distributed import SHARD_GROUP, ShardOptions, exclusive_lock, exit_on_bad_shards, shard_items
 from utils.masks import MASK_TYPES
+from utils.preprocessing.names import SPLITS
 from utils.raw_cli import RawOptions
-from utils.recon_options import PRECISIONS, RECON_METHODS, ModelOptions, SamplerSettings, sampler_values
+from utils.recon_options import (
+    ON_MISSING_POLICIES, PRECISIONS, RECON_METHODS, ModelOptions, SamplerSettings, sampler_values,
+)  # fmt: skip
 from utils.samplers import PRESETS
 
 PROG = "recon_complex_multi.py"
@@ -66,7 +69,7 @@ class ReconOptions(ModelOptions, SamplerSettings, RawOptions, ShardOptions):
     load_dir_meta_knee: str | None = option(None, "knee metadata CSV", aliases=("--metadata_csv_knee",), group="data")
     load_dir_meta_cardio: str | None = option(None, "cardiac metadata CSV", aliases=("--metadata_csv_cardio",),
                                               group="data")
-    split: str = option("val", "split folder of the slices ({anatomy}_mvue_{crop}_{split}/)", choices=("train", "val"),
+    split: str = option("val", "split folder of the slices ({anatomy}_mvue_{crop}_{split}/)", choices=SPLITS,
                         group="data")
     crop_size: int | None = option(None, "image side of the data; must equal the size the model was trained at",
                                    unit="px", aliases=("--resolution",), group="data",
@@ -74,7 +77,7 @@ class ReconOptions(ModelOptions, SamplerSettings, RawOptions, ShardOptions):
     start_idx: int = option(0, "first dataset index to reconstruct", group="data")
     end_idx: int | None = option(None, "one past the last dataset index", group="data", default_text="the end")
     on_missing: str = option("error", "rows without slice/map files: stop with an error, or skip them with a warning",
-                             choices=("error", "skip"), group="data")
+                             choices=ON_MISSING_POLICIES, group="data")
     mask_type: str = option("uniform1d", "undersampling mask", choices=MASK_TYPES, group="measurement")
     acc_factor: float = option(4.0, "nominal acceleration R > 1", group="measurement")
     center_fraction: float | None = option(None, "fully sampled centre fraction in (0, 1)", group="measurement",
@@ -109,7 +112,7 @@ class ReconOptions(ModelOptions, SamplerSettings, RawOptions, ShardOptions):
 
     @classmethod
     def config_from_saved(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """A run's ``settings.json`` (``--data_root``: :class:`utils.reconstruction.ReconSettings`; ``--raw_dir``:
+        """A run's ``settings.json`` (``--data_root``: :class:`utils.recon_settings.ReconSettings`; ``--raw_dir``:
         :class:`utils.raw_reconstruction.RawReconSettings`) as options of this command line.
 
         Raises:
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: ReconOptions, argv: list[str] | None) -> int:
-    from utils.reconstruction import mask_problem
+    from utils.measurement import mask_problem
 
     check_args(args)
     plan = None
@@ -353,10 +356,10 @@ def _main(args: ReconOptions, argv: list[str] | None) -> int:
 
     from utils.distributed import multi_process_cpu_launch
 
-    from utils.reconstruction import (
-        ReconSettings, RunMismatchError, data_identity, out_dir_for, prepare_out_dir, run_fingerprint,
-        run_reconstruction, summarize, summary_lines,
-    )
+    from utils.recon_settings import ReconSettings
+    from utils.recon_summary import summarize, summary_lines
+    from utils.reconstruction import run_reconstruction
+    from utils.run_identity import RunMismatchError, data_identity, out_dir_for, prepare_out_dir, run_fingerprint
 
     state = PartialState(cpu=multi_process_cpu_launch())
     settings = ReconSettings(
@@ -389,7 +392,7 @@ def _main(args: ReconOptions, argv: list[str] | None) -> int:
     if refusal is not None:
         raise ArgumentProblem(refusal)
     if not state.is_main_process:  # every process must agree on the run: same settings, model, data
-        from utils.reconstruction import fingerprint_differences, read_fingerprint
+        from utils.run_identity import fingerprint_differences, read_fingerprint
 
         claimed = read_fingerprint(out) or {}
         if claimed.get("hash") != fingerprint["hash"]:

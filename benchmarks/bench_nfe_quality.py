@@ -11,7 +11,7 @@ every sampler that shares DDS's CG data-consistency step is run at several step 
 Two data paths:
 
 * **default** (``--data_root``, the re-simulated path): the preprocessed slices of a CSV (default: the demo's 20
-  validation slices), measurements by ``utils.reconstruction.simulate_measurement`` (the reconstruction library's own)
+  validation slices), measurements by ``utils.measurement.simulate_measurement`` (the reconstruction library's own)
   with complex Gaussian k-space noise of std ``--noise_sigma`` (default 0.02 relative to the normalised images) seeded
   per (file, slice), the preprocessed maps. Tuning slices: another CSV (default: the training CSV, one slice per
   subject, spread over the contrasts; the model has seen those images). Writes ``benchmarks/results/nfe_quality.*``.
@@ -81,6 +81,9 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from utils.preprocessing.names import SPLITS  # noqa: E402
+from utils.recon_options import OUTSIDE_MODES  # noqa: E402
+
 DEFAULT_STEPS = (10, 15, 20, 25, 50, 100)
 SAMPLER_LABELS = {"dds": "DDS (tuned)", "ddim0": "DDIM η=0 + CG (tuned)", "dpmpp2m": "DPM-Solver++(2M) + CG (tuned)"}
 WITHIN_DB = 0.2
@@ -145,10 +148,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_root", type=Path, default=None, help="default: {demo_dir}/fastmri")
     p.add_argument("--csv", type=Path, default=None,
                    help="reported slices (default: {data_root}/metadata_brain_val.csv)")
-    p.add_argument("--split", default="val", choices=["train", "val"], help="split folder of --csv")
+    p.add_argument("--split", default="val", choices=SPLITS, help="split folder of --csv")
     p.add_argument("--tune_csv", type=Path, default=None,
                    help="tuning slices (default: {data_root}/metadata_brain_train.csv), never the reported ones")
-    p.add_argument("--tune_split", default="train", choices=["train", "val"])
+    p.add_argument("--tune_split", default="train", choices=SPLITS)
     g = p.add_argument_group("raw path (instead of --data_root)")
     g.add_argument("--raw_dir", type=Path, nargs="?", const=Path(""), default=None,
                    help="held-out raw fastMRI multi-coil files (full k-space with reconstruction_rss), reconstructed "
@@ -165,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--center_fraction", type=float, default=None,
                    help=f"fully sampled centre (default {RAW_CENTER_FRACTION}: enough ACS lines for the maps, see "
                         "RAW_CENTER_FRACTION)")
-    g.add_argument("--outside", default="lsq", choices=["lsq", "zero"], help="as recon_complex_multi.py --outside")
+    g.add_argument("--outside", default="lsq", choices=OUTSIDE_MODES, help="as recon_complex_multi.py --outside")
     g.add_argument("--prior_error_stds", type=float, nargs="*", default=None,
                    help="s values of the 'noise' γ rule tried in tuning stage C (default 0.05 0.1 0.2; none: γ fixed)")
     p.add_argument("--metadata_stats", type=Path, default=None,
@@ -178,7 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask_type", default="uniform1d")
     p.add_argument("--acc_factor", type=float, default=4.0)
     p.add_argument("--noise_sigma", type=float, default=0.02,
-                   help="k-space noise std (utils/reconstruction.py convention); 0 = noiseless; default path only "
+                   help="k-space noise std (utils/measurement.py convention); 0 = noiseless; default path only "
                         "(raw files carry their own noise)")
     p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS), help="DDS step budgets")
     p.add_argument("--alt_steps", type=int, nargs="+", default=[10, 15, 20, 25],
@@ -302,7 +305,7 @@ def spread(n_total: int, n: int, groups: list[str]) -> list[int]:
 def build_problem(dataset, indices: list[int], model, settings, seed: int, device) -> Problem:
     """Measurements, condition tokens and per-slice seeds of ``dataset[indices]`` (seeds as the library's runner)."""
     from utils.masks import seed_from_name
-    from utils.reconstruction import simulate_measurement
+    from utils.measurement import simulate_measurement
 
     items = [dataset[i] for i in indices]
     meas = simulate_measurement(items, settings, device)
@@ -744,7 +747,8 @@ def load_model(a: argparse.Namespace, device) -> tuple[Any, int]:
 def prepare_default(a: argparse.Namespace, model, crop: int, clip, device) -> dict[str, Any]:
     """Runners, slice names and the description of the default (re-simulated) path."""
     from utils.data import MRISliceDataset
-    from utils.reconstruction import ReconSettings, mask_problem
+    from utils.measurement import mask_problem
+    from utils.recon_settings import ReconSettings
 
     problem_text = mask_problem(a.mask_type, a.acc_factor, None, (crop, crop))
     if problem_text:
@@ -763,7 +767,7 @@ def prepare_default(a: argparse.Namespace, model, crop: int, clip, device) -> di
         "finetune_folder": str(a.finetune_folder), "data_root": str(a.data_root), "csv": str(a.csv),
         "split": a.split, "tune_csv": str(a.tune_csv), "tune_split": a.tune_split, "image_size": crop,
         "mask_type": a.mask_type, "acc_factor": a.acc_factor, "achieved_acceleration": report_p.acceleration,
-        "noise_sigma": a.noise_sigma, "measurements": "utils.reconstruction.simulate_measurement: "
+        "noise_sigma": a.noise_sigma, "measurements": "utils.measurement.simulate_measurement: "
         + ("noisy, complex Gaussian k-space noise" if a.noise_sigma > 0 else "noiseless"),
     }
     title = (f"{crop}x{crop}, {len(report_idx)} held-out slices, {a.mask_type} x{a.acc_factor:g}, noise σ "

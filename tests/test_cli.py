@@ -215,7 +215,7 @@ def test_sampler_settings_and_defaults_exist_once():
     from utils.diffusion_recon import DiffusionReconstructor
     from utils.raw_reconstruction import RawReconSettings
     from utils.recon_options import SAMPLER_DEFAULTS, SamplerSettings, sampler_field_names
-    from utils.reconstruction import ReconSettings
+    from utils.recon_settings import ReconSettings
     from utils.samplers import PRESETS
 
     import recon_complex_multi
@@ -235,7 +235,7 @@ def test_sampler_settings_and_defaults_exist_once():
 def test_recon_settings_json_round_trip(tmp_path):
     """A run's settings.json passed back with --config gives the same ReconSettings the run had."""
     import recon_complex_multi
-    from utils.reconstruction import ReconSettings
+    from utils.recon_settings import ReconSettings
     from utils.recon_options import sampler_values
 
     argv = [*RECON, "--num_steps", "7", "--eta", "0.3", "--drop_metadata_keys", "TE", "TR", "--no_png",

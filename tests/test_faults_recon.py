@@ -140,7 +140,8 @@ def test_other_settings_never_reuse_old_results(tiny, capsys):
 
 
 def test_every_result_setting_changes_the_fingerprint_and_no_other_does():
-    from utils.reconstruction import ReconSettings, run_fingerprint
+    from utils.recon_settings import ReconSettings
+    from utils.run_identity import run_fingerprint
 
     base = ReconSettings(method="diffusion")
     ref = run_fingerprint(base)["hash"]
@@ -188,7 +189,9 @@ def test_nan_slice_is_reported_and_the_run_fails(tiny, tmp_path, capsys):
 def test_nan_reconstruction_is_flagged_not_dropped(tmp_path):
     """A method that returns NaN for one slice: the row says so and the summary counts it (runner level)."""
     from utils.channels import complex_to_channels
-    from utils.reconstruction import ReconSettings, run_reconstruction, summarize
+    from utils.recon_settings import ReconSettings
+    from utils.recon_summary import summarize
+    from utils.reconstruction import run_reconstruction
 
     rng = np.random.default_rng(0)
     maps = np.ones((1, 16, 16), np.complex64)
@@ -324,7 +327,8 @@ def test_lora_run_uses_its_own_base_model_type(tiny, tmp_path, capsys):
 
 def test_noise_sigma_has_the_asked_for_std_and_is_the_same_for_every_method():
     from utils.channels import complex_to_channels
-    from utils.reconstruction import ReconSettings, simulate_measurement
+    from utils.measurement import simulate_measurement
+    from utils.recon_settings import ReconSettings
 
     h = w = 64
     rng = np.random.default_rng(3)

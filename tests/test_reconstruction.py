@@ -15,7 +15,9 @@ import torch
 
 from utils.channels import channels_to_complex, complex_to_channels
 from utils.diffusion_recon import DiffusionReconstructor
-from utils.reconstruction import ReconSettings, run_reconstruction, summarize
+from utils.recon_settings import ReconSettings
+from utils.recon_summary import summarize
+from utils.reconstruction import run_reconstruction
 from utils.samplers import DiffusionSchedule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +194,7 @@ def test_two_process_run_matches_one_process(processed):
 
 
 def test_a_tagged_folder_of_another_run_is_refused_then_overwritten_only_with_consent(tmp_path):
-    from utils.reconstruction import RunMismatchError, read_fingerprint
+    from utils.run_identity import RunMismatchError, read_fingerprint
 
     data = _dataset(1, 2)
     first = ReconSettings(method="cs", cs_iter=5, save_png=False, tag="mine")

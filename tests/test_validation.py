@@ -10,7 +10,8 @@ from PIL import Image
 from tests.test_reconstruction import _dataset, _NullConditioner, _OracleUNet
 from utils.channels import channels_to_complex
 from utils.diffusion_recon import DiffusionReconstructor
-from utils.reconstruction import ReconSettings, run_reconstruction
+from utils.recon_settings import ReconSettings
+from utils.reconstruction import run_reconstruction
 from utils.samplers import DiffusionSchedule
 from utils.training.validation import run_validation, save_validation_figure
 

@@ -377,7 +377,7 @@ def model_identity(plan: ModelPlan) -> dict[str, Any]:
     Returns:
         ``{"kind", "model_type", "files": {name: sha256}}``.
     """
-    from utils.reconstruction import folder_files, hash_files
+    from utils.run_identity import folder_files, hash_files
 
     files: dict[str, Path] = {}
     if plan.finetune_folder is not None:

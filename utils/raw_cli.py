@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import option
-from utils.recon_options import sampler_values
+from utils.recon_options import GAMMA_RULES, OUTSIDE_MODES, sampler_values
 
 
 @dataclass
@@ -28,12 +28,12 @@ class RawOptions:
     metadata_csv: str | None = option(
         None, "CSV (filename, slice, any metadata column) overriding/adding the header's values per slice", group="raw")
     gamma_rule: str = option("fixed", "DDS γ: --gamma as is, or lowered per slice from the estimated noise σ "
-                             "(1/γ_eff = 1/γ + 2σ²/s², docs/raw_reconstruction.md)", choices=("fixed", "noise"),
+                             "(1/γ_eff = 1/γ + 2σ²/s², docs/raw_reconstruction.md)", choices=GAMMA_RULES,
                              group="raw")
     prior_error_std: float = option(0.1, "s of the 'noise' γ rule (the prior's error, on the normalised scale)",
                                     group="raw")
     outside: str = option("lsq", "the field of view outside the prior's window: regularised least squares, or empty",
-                          choices=("lsq", "zero"), group="raw")
+                          choices=OUTSIDE_MODES, group="raw")
 
 
 def raw_main(args: Any, given: Collection[str], prog: str) -> int:
@@ -74,10 +74,10 @@ def raw_main(args: Any, given: Collection[str], prog: str) -> int:
     acc = args.acc_factor if ("acc_factor" in given or not all_test) else None
 
     from utils.raw_reconstruction import (
-        RawReconSettings, clear_raw_results, raw_data_identity, raw_out_dir, run_raw_reconstruction, summarize_raw,
+        RAW_RESULT_ENTRIES, RawReconSettings, raw_data_identity, raw_out_dir, run_raw_reconstruction, summarize_raw,
         validate_volumes,
     )  # fmt: skip
-    from utils.reconstruction import RunMismatchError, prepare_out_dir, run_fingerprint
+    from utils.run_identity import RunMismatchError, clear_results, prepare_out_dir, run_fingerprint
 
     plan = None
     if args.method == "diffusion":
@@ -118,7 +118,7 @@ def raw_main(args: Any, given: Collection[str], prog: str) -> int:
     if state.is_main_process:
         try:
             if prepare_out_dir(out, fingerprint, overwrite=args.overwrite, create=False) == "overwritten":
-                clear_raw_results(out)
+                clear_results(out, RAW_RESULT_ENTRIES)
             prepare_out_dir(out, fingerprint, overwrite=args.overwrite)
             from dataclasses import asdict
 

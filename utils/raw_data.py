@@ -282,7 +282,7 @@ def slice_measurement(
     """The measurement of slice ``idx``: a test file's own mask as is, or a retrospective mask over the raw width.
 
     Retrospective masks are drawn over the full phase-encode width ``W`` of the stored k-space, as fastMRI applies
-    them, seeded from (file stem, slice) exactly like :func:`utils.reconstruction.slice_mask`; columns outside the
+    them, seeded from (file stem, slice) exactly like :func:`utils.measurement.slice_mask`; columns outside the
     acquired band never count as measured.
 
     Raises:

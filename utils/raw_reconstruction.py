@@ -38,9 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.cs_baseline import cs_l1_wavelet
 from utils.files import atomic_write_bytes, sha256_json, tmp_name, write_json
 from utils.masks import sample_seed
-from utils.recon_options import SamplerSettings
+from utils.recon_options import GAMMA_RULES, OUTSIDE_MODES, RECON_SAMPLERS, SamplerSettings
+from utils.recon_outputs import row_path
+from utils.recon_settings import readable_tag
+from utils.recon_summary import mean_std
 from utils.raw_data import (
     RawVolume,
     check_test_flags,
@@ -95,13 +99,13 @@ class RawReconSettings(SamplerSettings):
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose {', '.join(METHODS)}")
-        if self.sampler not in ("dds", "dps"):
+        if self.sampler not in RECON_SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}: choose dds or dps")
-        if self.gamma_rule not in ("fixed", "noise"):
+        if self.gamma_rule not in GAMMA_RULES:
             raise ValueError(f"unknown gamma_rule {self.gamma_rule!r}: choose fixed or noise")
         if self.scale_rule not in ("measured", "oracle"):
             raise ValueError(f"unknown scale_rule {self.scale_rule!r}: choose measured or oracle")
-        if self.outside not in ("lsq", "zero"):
+        if self.outside not in OUTSIDE_MODES:
             raise ValueError(f"unknown outside handling {self.outside!r}: choose lsq or zero")
         if self.num_samples < 1 or self.batch_size < 1 or self.num_steps < 1:
             raise ValueError("num_samples, batch_size and num_steps must be >= 1")
@@ -141,9 +145,10 @@ class RawReconSettings(SamplerSettings):
 
     @property
     def readable_tag(self) -> str:
-        if self.method != "diffusion":
-            return self.method
-        return f"{self.sampler}_steps{self.num_steps}_w{self.guidance_scale:g}_n{self.num_samples}_{self.gamma_rule}"
+        """The ``--data_root`` run's readable tag (:func:`utils.recon_settings.readable_tag`), plus the γ rule for
+        diffusion."""
+        tag = readable_tag(self)
+        return f"{tag}_{self.gamma_rule}" if self.method == "diffusion" else tag
 
 
 def raw_data_identity(volumes: Sequence[RawVolume]) -> dict[str, Any]:
@@ -190,29 +195,14 @@ def validate_volumes(
                              "retrospective undersampling")  # fmt: skip
 
 
-#: What a raw run writes into its folder besides ``run.json``/``settings.json`` (cleared by ``--overwrite``).
+#: What a raw run writes into its folder besides ``run.json``/``settings.json`` (cleared by ``--overwrite`` through
+#: :func:`utils.run_identity.clear_results`).
 RAW_RESULT_ENTRIES = ("rows", "slices", "reconstructions", "summary.json", "summary.csv")
-
-
-def clear_raw_results(folder: str | Path) -> None:
-    """Delete the results a raw run wrote into ``folder`` (:data:`RAW_RESULT_ENTRIES`), nothing else."""
-    import shutil
-
-    for entry in RAW_RESULT_ENTRIES:
-        path = Path(folder) / entry
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _row_path(out: Path, stem: str, idx: int) -> Path:
-    return out / "rows" / stem / f"{idx:03d}.json"
 
 
 def _slice_path(out: Path, stem: str, idx: int) -> Path:
@@ -272,7 +262,7 @@ def run_raw_reconstruction(
     if settings.method == "diffusion" and diffusion is None:
         raise ValueError("method 'diffusion' needs a diffusion reconstructor (a model)")
     plan = [(vi, idx) for vi, v in enumerate(volumes) for idx in range(v.num_slices)]
-    mine = [p for p in plan[process_index::num_processes] if not _row_path(out, volumes[p[0]].stem, p[1]).is_file()]
+    mine = [p for p in plan[process_index::num_processes] if not row_path(out, volumes[p[0]].stem, p[1]).is_file()]
     bar = tqdm(total=len(mine), desc=f"raw {settings.readable_tag}", disable=not progress or process_index != 0)
     dev = torch.device(device)
     by_vol: dict[int, list[int]] = {}
@@ -318,8 +308,6 @@ def _reconstruct_slices(vol: RawVolume, idxs: list[int], s: RawReconSettings, ou
             else:
                 scales.append(measured_scale(m.y, mp, prior_shape, density_weights(m.mask, vol.acquired)))
         if s.method == "cs":
-            from utils.reconstruction import cs_l1_wavelet
-
             fulls = []
             for m, mp, sc in zip(meas, maps, scales):
                 y_t = torch.from_numpy(m.y / np.float32(sc))
@@ -351,7 +339,7 @@ def _reconstruct_slices(vol: RawVolume, idxs: list[int], s: RawReconSettings, ou
             "acceleration": meas[b].acceleration, "num_center_lines": meas[b].num_center_lines,
             "sigma": sigmas[b], "time_s": elapsed, "nfe": nfe, **extra[b],
         }  # fmt: skip
-        write_json(_row_path(out, vol.stem, idx), row)
+        write_json(row_path(out, vol.stem, idx), row)
 
 
 def _diffusion_batch(vol, idxs, meas, maps, scales, sigmas, prior_shape, s: RawReconSettings, diffusion, device):
@@ -449,17 +437,17 @@ def summarize_raw(out: str | Path, volumes: Sequence[RawVolume], allow_incomplet
 
     out = Path(out)
     missing = [f"{v.stem}/{i:03d}" for v in volumes for i in range(v.num_slices)
-               if not _row_path(out, v.stem, i).is_file()]  # fmt: skip
+               if not row_path(out, v.stem, i).is_file()]  # fmt: skip
     if missing and not allow_incomplete:
         raise RuntimeError(f"{len(missing)} slice(s) not reconstructed yet (e.g. {missing[:3]}); run again to finish")
     volume_rows, slice_rows, incomplete = [], [], []
     for v in volumes:
-        num_missing = sum(not _row_path(out, v.stem, i).is_file() for i in range(v.num_slices))
+        num_missing = sum(not row_path(out, v.stem, i).is_file() for i in range(v.num_slices))
         if num_missing:
             incomplete.append({"filename": v.stem, "kind": v.kind, "num_slices": v.num_slices,
                                "num_missing": num_missing, "status": "incomplete"})
             continue
-        rows = [json.loads(_row_path(out, v.stem, i).read_text()) for i in range(v.num_slices)]
+        rows = [json.loads(row_path(out, v.stem, i).read_text()) for i in range(v.num_slices)]
         slice_rows.extend(rows)
         arrays = [np.load(_slice_path(out, v.stem, i)) for i in range(v.num_slices)]
         mag = np.stack([a["magnitude"] for a in arrays])
@@ -490,8 +478,8 @@ def summarize_raw(out: str | Path, volumes: Sequence[RawVolume], allow_incomplet
         summary["settings"] = json.loads((out / "settings.json").read_text())
     cmrx_keys = [k for k in ("cmrx_psnr", "cmrx_ssim", "cmrx_nmse") if any(k in r for r in volume_rows)]
     for key in ("fastmri_psnr", "fastmri_ssim", "fastmri_nmse", *cmrx_keys):  # cmrx_*: only CMRxRecon runs have them
-        vals = [r[key] for r in volume_rows if r.get(key) is not None and math.isfinite(r[key])]
-        summary[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)} if vals else None
+        stat = mean_std([r.get(key) for r in volume_rows])
+        summary[key] = stat if stat["n"] else None
     for key in ("acceleration", "sigma", "time_s", "nfe", "scale", "gamma"):
         vals = [r[key] for r in slice_rows if isinstance(r.get(key), (int, float))]
         summary[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))} if vals else None

@@ -1,7 +1,7 @@
 """The reconstruction settings that more than one place needs, written once: the sampler's (and the CS baseline's)
 settings with their defaults, and the model options shared by ``recon_complex_multi.py`` and ``metadata_report.py``.
 
-:class:`SamplerSettings` is the base of :class:`utils.reconstruction.ReconSettings` (``--data_root``),
+:class:`SamplerSettings` is the base of :class:`utils.recon_settings.ReconSettings` (``--data_root``),
 :class:`utils.raw_reconstruction.RawReconSettings` (``--raw_dir``) and of the command line of
 ``recon_complex_multi.py``; :class:`utils.diffusion_recon.DiffusionReconstructor` takes its defaults from
 :data:`SAMPLER_DEFAULTS`. The named presets (``--preset``, :data:`utils.samplers.PRESETS`) override these fields.

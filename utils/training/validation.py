@@ -21,7 +21,8 @@ import torch
 from utils.diffusion_recon import DiffusionReconstructor
 from utils.figures import Panel, panel_figure, save_figure
 from utils.metrics import fastmri_metrics
-from utils.reconstruction import ReconSettings, measure_and_reconstruct
+from utils.recon_settings import ReconSettings
+from utils.reconstruction import measure_and_reconstruct
 from utils.samplers import DiffusionSchedule
 from utils.samplers.schedule import alphas_cumprod_of
 
