@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.unet import RELEASED_MODEL_TYPES, resolve_unet_config
+from models.choices import RELEASED_MODEL_TYPES
+from models.unet import resolve_unet_config
 from utils import cli
 from utils.cli import option
 

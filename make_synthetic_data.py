@@ -23,10 +23,15 @@ from pathlib import Path
 from utils import cli
 from utils.cli import option
 from utils.simulation.acquisition import BRAIN_ACQUISITIONS
-from utils.simulation.cmrx_writer import CMRxConfig, generate_cmrx_dataset
+from utils.masks import FASTMRI_TYPES
+from utils.simulation.cmrx_writer import CMRX_LAYOUTS, CMRxConfig, generate_cmrx_dataset
 from utils.simulation.fastmri_writer import FastMRIConfig, generate_fastmri_dataset
 
 PROG = "make_synthetic_data.py"
+#: The real formats this script writes.
+FORMATS = ("fastmri", "cmrx")
+#: fastMRI anatomies the simulator has a phantom of.
+SIMULATED_FASTMRI_ANATOMIES = ("brain",)
 
 
 def _matrix(text: str) -> tuple[int, int]:
@@ -41,7 +46,7 @@ def _matrix(text: str) -> tuple[int, int]:
 class SynthOptions:
     """Every option of ``make_synthetic_data.py``."""
 
-    format: str = option(help="which real format to write", choices=("fastmri", "cmrx"))
+    format: str = option(help="which real format to write", choices=FORMATS)
     output_dir: Path = option(help="output folder")
     num_volumes: int = option(1, "volumes (fastMRI) or subjects (CMRxRecon)")
     num_slices: int | None = option(None, "slices per volume", default_text="fastMRI 16, CMRx SAX 10")
@@ -52,7 +57,7 @@ class SynthOptions:
     seed: int = option(0, "seed of every random draw")
     val_fraction: float | None = option(None, "split subjects into train/val", default_text="flat, no split")
     no_ground_truth: bool = option(False, "skip the ground_truth/ sidecars")
-    anatomy: str = option("brain", "fastMRI anatomy", choices=("brain",), group="fastMRI")
+    anatomy: str = option("brain", "fastMRI anatomy", choices=SIMULATED_FASTMRI_ANATOMIES, group="fastMRI")
     acquisitions: tuple[str, ...] | None = option(None, "restrict to these labels", choices=BRAIN_ACQUISITIONS,
                                                   group="fastMRI", default_text="real frequencies")
     vendors: tuple[str, ...] = option(("SIEMENS",), "SIEMENS, GE, Philips (fastMRI: SIEMENS)", group="fastMRI")
@@ -64,11 +69,10 @@ class SynthOptions:
         [], "also write fastMRI test-format copies (masked kspace + mask + attributes, no target) at these rates, "
         "under {output_dir}/challenge_acc{R}/", allow_empty=True, group="fastMRI")
     challenge_mask_type: str = option("equispaced_fraction", "mask of the test-format copies",
-                                      choices=("random", "equispaced", "equispaced_fraction", "magic",
-                                               "magic_fraction"), group="fastMRI")
+                                      choices=FASTMRI_TYPES, group="fastMRI")
     challenge_center_fraction: float | None = option(None, "fully sampled centre fraction of the test-format copies",
                                                      group="fastMRI", default_text="fastMRI's for the rate")
-    layout: str = option("2023", "CMRxRecon release layout", choices=("2023", "2024"), group="CMRxRecon")
+    layout: str = option("2023", "CMRxRecon release layout", choices=CMRX_LAYOUTS, group="CMRxRecon")
     num_frames: int = option(12, "cine frames", group="CMRxRecon")
     num_slices_lax: int = option(3, "long-axis slices", group="CMRxRecon")
     accelerations: tuple[int, ...] = option((4, 8, 10), "undersampled copies at these rates", group="CMRxRecon")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from utils import cli
 from utils.cli import option
-from utils.recon_options import ModelOptions
+from utils.preprocessing.names import SPLITS
+from utils.recon_options import ON_MISSING_POLICIES, ModelOptions
 
 PROG = "metadata_report.py"
 _GROUPS = {"model": "model (as recon_complex_multi.py)", "data": "data (as recon_complex_multi.py)",
@@ -39,11 +40,11 @@ class ReportOptions(ModelOptions):
     load_dir_meta_knee: str | None = option(None, "knee metadata CSV", aliases=("--metadata_csv_knee",), group="data")
     load_dir_meta_cardio: str | None = option(None, "cardiac metadata CSV", aliases=("--metadata_csv_cardio",),
                                               group="data")
-    split: str = option("val", "split folder of the slices", choices=("train", "val"), group="data")
+    split: str = option("val", "split folder of the slices", choices=SPLITS, group="data")
     crop_size: int = option(320, "image side of the data (the size the model was trained at)", unit="px",
                             aliases=("--resolution",), group="data")
     on_missing: str = option("error", "rows without slice files: stop with an error, or skip them with a warning",
-                             choices=("error", "skip"), group="data")
+                             choices=ON_MISSING_POLICIES, group="data")
     num_slices: int = option(20, "held-out slices, spread evenly over the dataset", group="measurement")
     num_noise: int = option(8, "paired noise draws per slice (each at every timestep)", group="measurement")
     timesteps: list[int] | None = option(None, "timestep grid", group="measurement",

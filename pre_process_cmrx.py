@@ -31,6 +31,7 @@ from utils import cli
 from utils.cli import option
 from utils.distributed import ShardOptions, shard_problem
 from utils.preprocessing.cmrx import CardiacConfig, run_cmrx_preprocessing
+from utils.preprocessing.names import SPLITS
 
 PROG = "pre_process_cmrx.py"
 
@@ -43,7 +44,7 @@ class CardiacPreprocessOptions(EspiritOptions, ShardOptions):  # ShardOptions: -
     output_dir: Path = option(help="output root: {output_dir}/heart_mvue_{crop}_{split}/ and "
                               "metadata_cardiology_{split}.csv", aliases=("--output_root",))
     split: str = option("train", "output split; reads TrainingSet (train) or ValidationSet (val) when both exist",
-                        choices=("train", "val"))
+                        choices=SPLITS)
     crop_size: int = option(320, "image side after crop/pad", unit="px", aliases=("--resolution",))
     views: list[str] | None = option(None, "views or series names to keep (e.g. sax lax cine_sax T1map)",
                                      default_text="all")

@@ -36,8 +36,10 @@ from utils import cli
 from utils.cli import option
 from utils.distributed import ShardOptions, shard_items, shard_problem
 from utils.coils import ESPIRIT_DEFAULTS
-from utils.preprocessing.fastmri import PreprocessConfig, list_h5_files, load_fastmri_plus, run_preprocessing
-from utils.preprocessing.slices import EspiritParams
+from utils.preprocessing.fastmri import (
+    FASTMRI_ANATOMIES, PreprocessConfig, list_h5_files, load_fastmri_plus, run_preprocessing,
+)  # fmt: skip
+from utils.preprocessing.slices import ESPIRIT_BACKENDS, EspiritParams
 from utils.preprocessing.stats import STATS_TRAIN_ONLY
 
 PROG = "pre_processing_final.py"
@@ -58,7 +60,7 @@ class EspiritOptions:
                                  "zero (outside the object)", group="ESPIRiT")
     espirit_backend: str = option("fast", "fast: same maps as sigpy EspiritCalib, computed exactly (eigh) on the kept "
                                   "pixels only; sigpy: EspiritCalib power iteration on the full grid (the reference)",
-                                  choices=("fast", "sigpy"), group="ESPIRiT")
+                                  choices=ESPIRIT_BACKENDS, group="ESPIRiT")
     espirit_max_iter: int = option(ESPIRIT_DEFAULTS["max_iter"], "power iterations of the sigpy backend (e.g. 10-30 "
                                    "for a quick, less exact run)", group="ESPIRiT")
 
@@ -73,7 +75,7 @@ class FastMRIPreprocessOptions(EspiritOptions, ShardOptions):  # ShardOptions: -
     train: bool = option(False, "write the train split (without it: the val split)")
     crop_size: int = option(320, "image side after crop/pad", unit="px", aliases=("--resolution",))
     num_workers: int = option(1, "parallel worker processes (one thread each)")
-    anatomy: str | None = option(None, "force the anatomy", choices=("brain", "knee"),
+    anatomy: str | None = option(None, "force the anatomy", choices=FASTMRI_ANATOMIES,
                                  default_text="from the file name")
     fastmri_plus_csv: Path | None = option(None, "fastMRI+ annotations (file, slice, label)")
     write_stats: bool = option(False, "write {output_root}/metadata_stats.json from all train CSVs of the root "

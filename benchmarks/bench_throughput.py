@@ -45,6 +45,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks import NETWORK_PRECISIONS  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="DDS steps measured (default 5, or 2 with --released_size)")
     p.add_argument("--extrapolate_to", type=int, default=100, help="report slices/s for a run of this many steps")
     p.add_argument("--cg_iter", type=int, default=5)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="fp32", choices=NETWORK_PRECISIONS,
                    help="network autocast dtype (data consistency stays fp32)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(unet)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))

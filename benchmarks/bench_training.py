@@ -30,6 +30,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from utils.recon_options import PRECISIONS  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text", default="none", choices=("none", "clip"),
                    help="'clip': a tiny random CLIP as text encoder")
     p.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    p.add_argument("--mixed_precision", default="no", choices=PRECISIONS)
     return p.parse_args(argv)
 
 

@@ -27,6 +27,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks import NETWORK_PRECISIONS  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--dds_steps", type=int, default=100)
     p.add_argument("--coils", type=int, default=16)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--precision", default="bf16", choices=NETWORK_PRECISIONS)
     p.add_argument("--sweep_batches", type=int, nargs="*", default=[1, 2, 4, 8],
                    help="batch sizes of the DDS throughput sweep (none: skip it)")
     p.add_argument("--sweep_steps", type=int, default=10, help="DDS steps measured per batch size in the sweep")

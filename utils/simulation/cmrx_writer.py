@@ -34,6 +34,8 @@ from utils.simulation.tissue import Acquisition
 CINE_ACQUISITION = Acquisition(
     acquisition="CINE", contrast="cine", sequence="TrueFISP", tr=3.0, te=1.5, ti=None, flip_angle=50.0, field_strength=3.0
 )
+#: The CMRxRecon release layouts written (module docstring).
+CMRX_LAYOUTS: tuple[str, ...] = ("2023", "2024")
 CARDIAC_METADATA_COLUMNS: tuple[str, ...] = (
     "anatomy", "filename", "slice", "contrast", "pathology", "sequence", "TR", "TE", "TI", "flip_angle",
     "field_strength", "vendor", "scanner_model", "protocol_name", "num_coils", "matrix_x", "matrix_y", "fov_x", "fov_y",
@@ -62,7 +64,7 @@ class CMRxConfig:
     """
 
     output_dir: Path
-    layout: str = "2023"
+    layout: str = "2023"  # one of CMRX_LAYOUTS
     num_volumes: int = 1
     num_slices_sax: int = 10
     num_slices_lax: int = 3
@@ -78,7 +80,7 @@ class CMRxConfig:
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
-        if self.layout not in ("2023", "2024"):
+        if self.layout not in CMRX_LAYOUTS:
             raise ValueError(f"layout must be 2023 or 2024, got {self.layout!r}")
         kx, ky = self.matrix
         if kx % 2 or kx < 8 or ky < 8:

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.choices import CFG_STRATEGIES, PREDICTION_TYPES, RELEASED_MODEL_TYPES, TEXT_ENCODER_KINDS
 from utils import cli
 from utils.cli import option
 from utils.files import write_json
+from utils.recon_options import PRECISIONS
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -39,11 +41,11 @@ class TrainConfig:
         None, "Released checkpoint folder (fastmri/, skm-tea/, scheduler/, text_encoder/, tokenizer/). Leave out and "
         "give --unet_config to train from scratch.", group="model")
     pretrained_model_type: str = _opt("fastmri", "Which UNet of the released folder to start from.",
-                                      ("fastmri", "skm-tea"), group="model")
+                                      RELEASED_MODEL_TYPES, group="model")
     unet_config: str | None = _opt(None, "UNet config JSON for training from scratch (e.g. configs/unet/small.json).",
                                    group="model")
     text_encoder_type: str = _opt("clip", "Text encoder of the prompt (frozen); 'none' = metadata tokens only.",
-                                  ("clip", "t5", "none"), group="model")
+                                  TEXT_ENCODER_KINDS, group="model")
     text_encoder_path: str | None = _opt(
         None, "Folder with the text encoder (and tokenizer); default: the released folder's text_encoder/ + "
         "tokenizer/.",
@@ -67,7 +69,7 @@ class TrainConfig:
         "epsilon", "What the UNet predicts when trained from scratch: 'epsilon' (the released model, Ho et al. 2020) "
         "or 'v_prediction' (Salimans & Ho 2022; a far better x0 estimate at high noise, though on the demo's CPU "
         "budget its final samples were not better). Saved in scheduler/scheduler_config.json and read by the samplers. Fine-tuning keeps the released "
-        "model's type.", ("epsilon", "v_prediction"), group="model")
+        "model's type.", PREDICTION_TYPES, group="model")
 
     # --- data ----------------------------------------------------------------------------------------------------
     data_root: str = _opt("./fastmri", "Root of the preprocessed slices ({anatomy}_mvue_{crop}_{split}/...).",
@@ -98,14 +100,14 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).", group="optim")
     gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimiser step.", group="optim")
     mixed_precision: str | None = _opt(None, "Autocast precision; default: accelerate's config.",
-                                       ("no", "fp16", "bf16"), group="optim")
+                                       PRECISIONS, group="optim")
     seed: int = _opt(42, "Seed of model init, data order, noise and timesteps.", group="optim")
     max_train_steps: int | None = _opt(None, "Optimiser steps to run (overrides --num_train_epochs).", group="optim")
     num_train_epochs: int = _opt(100, "Epochs to run when --max_train_steps is not given.", group="optim")
     cfg_prob: float = _opt(0.5, "Metadata dropout probability of the condition embedder (classifier-free training).",
                            group="optim")
     cfg_strategy: str = _opt("joint", "'joint': one draw per sample drops every attribute; 'independent': one draw "
-                             "per attribute.", ("joint", "independent"), group="optim")
+                             "per attribute.", CFG_STRATEGIES, group="optim")
     cfg_null_prob: float = _opt(
         0.1, "Probability that a training sample gets the null condition (empty prompt + every attribute dropped), "
         "exactly the unconditional input of --guidance_scale > 1, on top of the --cfg_strategy / --prompt_cfg_prob "
