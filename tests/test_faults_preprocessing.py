@@ -306,3 +306,60 @@ def test_killed_parent_leaves_no_process_behind(tmp_path):
         for desc in tracked.values():
             for p in _alive(desc):
                 p.kill()
+
+
+SLOW_START_SCRIPT = '''
+import time
+
+from utils.preprocessing.summary import FileReport
+from utils.preprocessing.workers import run_in_pool
+
+if __name__ == "__mp_main__":  # a pool worker imports the run's script before its initializer: hold it there
+    time.sleep(120)
+
+
+def job(name):
+    return FileReport(name=name)
+
+
+if __name__ == "__main__":
+    run_in_pool([("a", job, ("a",)), ("b", job, ("b",))], 2, "slow start", show_progress=False)
+'''
+
+
+def test_worker_killed_before_its_initializer_dies_with_the_run(tmp_path):
+    """A run SIGKILLed while its workers are still starting (forked, not yet in ``_worker_init``) leaves nothing.
+
+    The window is seconds wide on a loaded machine (a worker unpickles its job and imports the run's script first); the
+    script here widens it to two minutes, so the workers' watchdog cannot be what ends them: the forkserver must die
+    with the run, and each worker with the forkserver, from the fork on.
+    """
+    import psutil  # noqa: F401
+
+    script = tmp_path / "slow_start.py"
+    script.write_text(SLOW_START_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    desc: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()}"
+            desc = _descendants(proc.pid)
+            if len([p for p in _alive(desc) if _ppid(p) not in (proc.pid, None)]) >= 2:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the workers never started")
+        proc.kill()
+        assert proc.wait(timeout=30) == -9
+        deadline = time.monotonic() + 15
+        while _alive(desc) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(desc), f"processes left behind: {[(p.pid, p.name()) for p in _alive(desc)]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in _alive(desc):
+            p.kill()

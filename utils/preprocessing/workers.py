@@ -61,16 +61,66 @@ def _watch_parent(parent_pid: int) -> None:
     os._exit(1)  # the run is gone: nobody will read this worker's result; atomic writes leave only complete files
 
 
-def _set_parent_death_signal() -> None:
-    """Linux: SIGKILL this process when its parent (here the forkserver) exits."""
+def _set_parent_death_signal() -> bool:
+    """Linux: SIGKILL this process when its parent exits. Returns whether the kernel took the request."""
     if not sys.platform.startswith("linux"):
-        return
+        return False
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return False
+
+
+#: Environment variable that :func:`run_in_pool` sets to its own pid while the forkserver starts, so the server can
+#: tell that it is a preprocessing run's server (see :func:`_guard_forkserver`).
+_RUN_PID_VAR = "PREPROCESSING_RUN_PID"
+
+#: In a guarded forkserver: its own pid, read by the fork hook in each child it forks; ``None`` everywhere else.
+_SERVER_PID: int | None = None
+
+
+def _die_with_server_after_fork() -> None:
+    """Fork hook of a guarded forkserver, run in the new child before anything else: die when the server dies.
+
+    Why here and not only in :func:`_worker_init`: between the fork and the initializer a worker still unpickles its
+    process object and imports the run's main script, which takes seconds on a loaded machine (or as long as that
+    script makes it); a run killed in that window left the worker alive until it got to its watchdog. The kernel only
+    signals a parent death that happens after ``prctl``, so the parent is checked again right after it.
+    """
+    global _SERVER_PID
+    server, _SERVER_PID = _SERVER_PID, None  # a worker's own children (e.g. os.fork in a library) are not ours
+    if server is None or not _set_parent_death_signal():
+        return
+    if os.getppid() != server:  # the server died before prctl: this child is already an orphan
+        os._exit(1)
+
+
+def _guard_forkserver() -> None:
+    """In a forkserver started by :func:`run_in_pool` (it imports this module first, as a preload): die with the run.
+
+    Why: left to itself the forkserver exits only once every process holding its "alive" pipe (the run and each
+    worker) is gone, and then runs a full interpreter shutdown (the final garbage collection of torch and the
+    pipeline takes seconds of CPU: measured 2-6 s after its last worker on a loaded 2-core machine), so it outlived a
+    killed run by a time that grows with the load. Tied to the run by ``PR_SET_PDEATHSIG`` it is SIGKILLed with the
+    run, and every worker it forked (tied to it from its first instruction by :func:`_die_with_server_after_fork`)
+    with it, by the kernel: no survivor depends on how fast a loaded machine schedules it. Elsewhere (the run itself,
+    other programs) this does nothing. Note: Linux signals the death of the *thread* that started the server, so a
+    run from a thread that ends before the process kills its server; multiprocessing starts a new one at the next
+    pool.
+    """
+    global _SERVER_PID
+    run_pid = os.environ.get(_RUN_PID_VAR)
+    if run_pid is None or run_pid != str(os.getppid()) or not _set_parent_death_signal():
+        return
+    if os.getppid() != int(run_pid):  # the run died before prctl
+        os._exit(1)
+    _SERVER_PID = os.getpid()
+    os.register_at_fork(after_in_child=_die_with_server_after_fork)
+
+
+_guard_forkserver()
 
 
 def _worker_init(parent_pid: int) -> None:
@@ -79,11 +129,14 @@ def _worker_init(parent_pid: int) -> None:
     Why: a ``ProcessPoolExecutor`` worker waits on a queue whose write end every worker also holds, so when the run is
     killed it never sees end-of-file and waits forever, and while it lives the forkserver (which waits for all its
     clients to go) lives too. So each worker watches the run's pid (a thread, :data:`WATCHDOG_INTERVAL_S`) and exits
-    when it is gone; the kernel also kills it if the forkserver dies first (``PR_SET_PDEATHSIG``). Ctrl-C reaches the
-    whole process group: workers ignore SIGINT and the parent's handler stops them.
+    when it is gone; the kernel also kills it if the forkserver dies first (``PR_SET_PDEATHSIG``, set at fork time when
+    the server is guarded, see :func:`_guard_forkserver`, and again here for a server started elsewhere). Ctrl-C
+    reaches the whole process group: workers ignore SIGINT and the parent's handler stops them.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_parent_death_signal()
+    if not _process_alive(parent_pid):  # killed before this worker got here: the watchdog would only say so later
+        os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watchdog").start()
     _limit_threads()
 
@@ -143,15 +196,17 @@ def run_in_pool(
             bar.update(1)
     else:
         # forkserver: workers fork from a clean server that imported the pipeline once (fork from a process whose
-        # OpenMP/torch threads already ran is unsafe; spawn would import torch once per worker). The server exits by
-        # itself once the run and all workers are gone (its "alive" pipe reaches end-of-file).
+        # OpenMP/torch threads already ran is unsafe; spawn would import torch once per worker). This module is
+        # preloaded first: importing it ties the server, and every worker it forks, to this run (_guard_forkserver).
         ctx = multiprocessing.get_context("forkserver")
         preload = {fn.__module__ for _, fn, _ in jobs if fn.__module__ != "__main__"}
-        ctx.set_forkserver_preload(sorted(preload | {"utils.preprocessing.slices", "utils.fastmri_io"}))
+        preload |= {"utils.preprocessing.slices", "utils.fastmri_io"}
+        ctx.set_forkserver_preload([__name__, *sorted(preload - {__name__})])
         # The server inherits the environment when it starts (at the first submit): one BLAS/OpenMP thread, fixed at
-        # library load time.
-        saved = {v: os.environ.get(v) for v in _THREAD_VARS}
+        # library load time, and the run's pid for the guard.
+        saved = {v: os.environ.get(v) for v in (*_THREAD_VARS, _RUN_PID_VAR)}
         os.environ.update({v: "1" for v in _THREAD_VARS})
+        os.environ[_RUN_PID_VAR] = str(os.getpid())
         try:
             with ProcessPoolExecutor(
                 max_workers=num_workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
