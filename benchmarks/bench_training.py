@@ -32,6 +32,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from utils.recon_options import PRECISIONS  # noqa: E402
 
+#: ``--text``: the text encoders this benchmark builds offline (a tiny random CLIP; T5 would need its weights).
+TEXT_ENCODERS = ("none", "clip")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the script run")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--text", default="none", choices=("none", "clip"),
+    p.add_argument("--text", default="none", choices=TEXT_ENCODERS,
                    help="'clip': a tiny random CLIP as text encoder")
     p.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--mixed_precision", default="no", choices=PRECISIONS)
