@@ -89,7 +89,7 @@ def test_every_script_module_has_its_options_class_listed():
 
 def test_implementing_modules_share_the_constants():
     """The heavy modules that implement a choice re-export the light constant (one object, one definition) and
-    validate against it."""
+    validate against it (the dataset, both reconstruction settings, the CMRxRecon simulator)."""
     import models.condition_embedder
     import models.text_encoders
     import models.unet
@@ -111,6 +111,19 @@ def test_implementing_modules_share_the_constants():
         RawReconSettings(gamma_rule="sigma")
     with pytest.raises(ValueError, match="outside"):
         RawReconSettings(outside="none")
+    from utils.data import MRISliceDataset
+    from utils.recon_settings import ReconSettings
+
+    with pytest.raises(ValueError, match="split"):
+        MRISliceDataset("unused", "unused.csv", split="test")  # checked before any file is read
+    with pytest.raises(ValueError, match="on_missing"):
+        MRISliceDataset("unused", "unused.csv", on_missing="drop")
+    for method in RECON_METHODS:
+        assert RawReconSettings(method=method).method == method
+    with pytest.raises(ValueError, match="method"):
+        ReconSettings(method="oracle")
+    with pytest.raises(ValueError, match="sampler"):
+        ReconSettings(sampler="ddim")
     for layout in CMRX_LAYOUTS:
         assert CMRxConfig(output_dir="unused", layout=layout).layout == layout
     with pytest.raises(ValueError, match="layout"):

@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.metadata import build_prompt, load_metadata_csv, record_from_row
-from utils.preprocessing.layout import dataset_dir, slice_paths
+from utils.preprocessing.layout import SPLITS, dataset_dir, slice_paths
+from utils.recon_options import ON_MISSING_POLICIES
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +160,9 @@ class MRISliceDataset(Dataset):
         prompt_sequence_prob: float = 0.5,
         seed: int = 0,
     ) -> None:
-        if split not in ("train", "val"):
+        if split not in SPLITS:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        if on_missing not in ("error", "skip"):
+        if on_missing not in ON_MISSING_POLICIES:
             raise ValueError(f"on_missing must be 'error' or 'skip', got {on_missing!r}")
         if not 0.0 <= prompt_sequence_prob <= 1.0:
             raise ValueError(f"prompt_sequence_prob must lie in [0, 1], got {prompt_sequence_prob}")

@@ -41,7 +41,7 @@ import torch
 from utils.cs_baseline import cs_l1_wavelet
 from utils.files import atomic_write_bytes, sha256_json, tmp_name, write_json
 from utils.masks import sample_seed
-from utils.recon_options import GAMMA_RULES, OUTSIDE_MODES, RECON_SAMPLERS, SamplerSettings
+from utils.recon_options import GAMMA_RULES, OUTSIDE_MODES, RECON_METHODS, RECON_SAMPLERS, SamplerSettings
 from utils.recon_outputs import row_path
 from utils.recon_settings import readable_tag
 from utils.recon_summary import mean_std
@@ -57,7 +57,7 @@ from utils.raw_data import (
     zero_filled_rss,
 )
 
-METHODS = ("zero_filled", "cs", "diffusion")
+METHODS = RECON_METHODS  # the --method choices
 
 
 @dataclass

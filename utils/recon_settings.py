@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from utils.masks import default_center_fraction
-from utils.recon_options import SamplerSettings
+from utils.recon_options import RECON_METHODS, RECON_SAMPLERS, SamplerSettings
 
 
 @dataclass
@@ -38,9 +38,9 @@ class ReconSettings(SamplerSettings):
     tag: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in ("zero_filled", "cs", "diffusion"):
+        if self.method not in RECON_METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose zero_filled, cs or diffusion")
-        if self.sampler not in ("dds", "dps"):
+        if self.sampler not in RECON_SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}: choose dds or dps")
         if self.num_samples < 1 or self.batch_size < 1 or self.num_steps < 1:
             raise ValueError("num_samples, batch_size and num_steps must be >= 1")
