@@ -460,6 +460,7 @@ def raw_runner(rset: RawSet, model, a: argparse.Namespace, crop: int, clip, work
     ``reconstruction_rss``; the run folder is removed afterwards."""
     from utils.metrics import psnr, ssim
     from utils.raw_reconstruction import RawReconSettings, run_raw_reconstruction
+    from utils.recon_outputs import row_path
 
     counter = {"n": 0}
 
@@ -477,7 +478,7 @@ def raw_runner(rset: RawSet, model, a: argparse.Namespace, crop: int, clip, work
         rows, p, q = [], [], []
         for v in rset.volumes:  # the run folder's documented layout (utils/raw_reconstruction.py)
             for i in range(v.num_slices):
-                row = json.loads((out / "rows" / v.stem / f"{i:03d}.json").read_text())
+                row = json.loads(row_path(out, v.stem, i).read_text())
                 with np.load(out / "slices" / v.stem / f"{i:03d}.npz") as z:
                     mag = z["magnitude"]
                 target = rset.targets[(v.stem, i)]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from utils.channels import channels_to_complex
+from utils.recon_outputs import recon_path, std_path
 
 
 @dataclass
@@ -132,12 +133,11 @@ def uncertainty_calibration(out_dir: str | Path, dataset: Sequence) -> dict[str,
     out = Path(out_dir)
     values = []
     for item in dataset:
-        std_path = out / "std" / item.filename / f"{item.slice_idx:03d}.npy"
-        rec_path = out / "recon" / item.filename / f"{item.slice_idx:03d}.npy"
-        if not std_path.is_file():
+        std_file = std_path(out, item.filename, item.slice_idx)
+        if not std_file.is_file():
             continue
         gt = _gt(item)
-        rec, std = np.load(rec_path), np.load(std_path)
+        rec, std = np.load(recon_path(out, item.filename, item.slice_idx)), np.load(std_file)
         if not (np.isfinite(rec).all() and np.isfinite(std).all()):
             continue  # a failed slice (flagged in its row) has no meaningful spread
         err = np.abs(rec - gt)
@@ -157,11 +157,11 @@ def figure_grid(
     """One slice: label, zero-filled and each method (top), their error maps ×5 (bottom), the ensemble std map."""
     from utils.figures import Panel, panel_figure, save_figure
 
-    rel = Path(dataset_item.filename) / f"{dataset_item.slice_idx:03d}.npy"
+    name_idx = (dataset_item.filename, dataset_item.slice_idx)
     gt = _gt(dataset_item)
-    images = {"label": gt, "zero-filled": np.load(Path(zero_filled_dir) / "recon" / rel)}
-    images.update({name: np.load(Path(d) / "recon" / rel) for name, d in methods.items()})
-    extra = std_dir is not None and (Path(std_dir) / "std" / rel).is_file()
+    images = {"label": gt, "zero-filled": np.load(recon_path(zero_filled_dir, *name_idx))}
+    images.update({name: np.load(recon_path(d, *name_idx)) for name, d in methods.items()})
+    extra = std_dir is not None and std_path(std_dir, *name_idx).is_file()
     vmax = float(np.abs(gt).max())
     top = [Panel(img, name, vmax=vmax) for name, img in images.items()]
     bottom: list[Panel | None] = [
@@ -169,6 +169,6 @@ def figure_grid(
         for name, img in images.items()
     ]
     if extra:
-        top.append(Panel(5 * np.load(Path(std_dir) / "std" / rel), "ensemble std ×5", heat=True, vmax=vmax))
+        top.append(Panel(5 * np.load(std_path(std_dir, *name_idx)), "ensemble std ×5", heat=True, vmax=vmax))
         bottom.append(None)
     return save_figure(panel_figure([top, bottom], title), path, dpi=90)
