@@ -156,7 +156,7 @@ def test_training_parser_defaults_are_the_dataclass_defaults():
 
 
 # ------------------------------------------------------------------------------------------------------ every script
-SCRIPTS = ("train_mri", "train_mri_ood", "pre_processing_final", "pre_process_cmrx", "recon_complex_multi",
+SCRIPTS = ("train_mri", "train_mri_ood", "pre_processing_final", "pre_process_cmrx", "recon_complex_multi", "demo",
            "metadata_report", "make_synthetic_data", "make_metadata_stats")
 
 

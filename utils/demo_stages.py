@@ -20,6 +20,7 @@ from pathlib import Path
 
 from utils.demo_config import TEXT_ENCODERS, DemoConfig
 from utils.files import write_json
+from utils.preprocessing.names import SPLITS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,10 +63,11 @@ def simulate(cfg: DemoConfig) -> None:
     for i, acq in enumerate(cfg.contrasts):
         if not (raw / f"brain_{acq}" / "val").is_dir():
             run_script(["make_synthetic_data.py", "--format", "fastmri", "--output_dir", raw / f"brain_{acq}",
-                  "--num_volumes", cfg.volumes_per_contrast, "--num_slices", cfg.num_slices, "--matrix", cfg.matrix,
-                  "--num_coils", cfg.num_coils, "--acquisitions", acq, "--val_fraction",
-                  1.0 / cfg.volumes_per_contrast, "--seed", cfg.seed + 1000 * i], cfg, f"simulate_brain_{acq}")
-            for split in ("train", "val"):
+                        "--num_volumes", cfg.volumes_per_contrast, "--num_slices", cfg.num_slices,
+                        "--matrix", cfg.matrix, "--num_coils", cfg.num_coils, "--acquisitions", acq,
+                        "--val_fraction", 1.0 / cfg.volumes_per_contrast, "--seed", cfg.seed + 1000 * i],
+                       cfg, f"simulate_brain_{acq}")
+            for split in SPLITS:
                 (raw / "brain" / split).mkdir(parents=True, exist_ok=True)
                 for h5 in (raw / f"brain_{acq}" / split).glob("*.h5"):
                     target = raw / "brain" / split / h5.name
@@ -73,26 +75,27 @@ def simulate(cfg: DemoConfig) -> None:
                         os.symlink(h5, target)
     if not (raw / "cmrx" / "MultiCoil").is_dir():
         run_script(["make_synthetic_data.py", "--format", "cmrx", "--layout", "2023", "--output_dir", raw / "cmrx",
-              "--num_volumes", cfg.cardiac_volumes, "--num_slices", "2", "--num_slices_lax", "1", "--num_frames", "4",
-              "--matrix", cfg.matrix, "--accelerations", "4", "--seed", cfg.seed], cfg, "simulate_cardiac")
+                    "--num_volumes", cfg.cardiac_volumes, "--num_slices", "2", "--num_slices_lax", "1",
+                    "--num_frames", "4", "--matrix", cfg.matrix, "--accelerations", "4", "--seed", cfg.seed],
+                   cfg, "simulate_cardiac")
 
 
 def preprocess(cfg: DemoConfig) -> None:
     raw, root = cfg.output_dir / "raw", cfg.output_dir / "fastmri"
-    for split in ("train", "val"):
+    for split in SPLITS:
         if not (root / f"metadata_brain_{split}.csv").is_file():
             run_script(["pre_processing_final.py", "--input_dir", raw / "brain" / split, "--output_root", root,
-                  "--crop_size", cfg.crop_size, "--num_workers", "2", "--no_progress",
-                  *(["--train"] if split == "train" else [])], cfg, f"preprocess_brain_{split}")
+                        "--crop_size", cfg.crop_size, "--num_workers", "2", "--no_progress",
+                        *(["--train"] if split == "train" else [])], cfg, f"preprocess_brain_{split}")
     if not (root / "metadata_cardiology_train.csv").is_file():
         run_script(["pre_process_cmrx.py", "--input_dir", raw / "cmrx", "--output_dir", root, "--crop_size",
-              cfg.crop_size], cfg, "preprocess_cardiac")
+                    cfg.crop_size], cfg, "preprocess_cardiac")
     if not (cfg.output_dir / "metadata_stats.json").is_file():
         run_script(["make_metadata_stats.py", root / "metadata_brain_train.csv", "--output",
-              cfg.output_dir / "metadata_stats.json"], cfg, "stats")
+                    cfg.output_dir / "metadata_stats.json"], cfg, "stats")
     if not (cfg.output_dir / "metadata_stats_ood.json").is_file():
         run_script(["make_metadata_stats.py", root / "metadata_brain_train.csv", root / "metadata_cardiology_train.csv",
-              "--output", cfg.output_dir / "metadata_stats_ood.json"], cfg, "stats_ood")
+                    "--output", cfg.output_dir / "metadata_stats_ood.json"], cfg, "stats_ood")
 
 
 def make_text_encoder(cfg: DemoConfig) -> Path:
@@ -235,11 +238,11 @@ def reconstruct(cfg: DemoConfig, acc: float, tag: str, extra: list, center_fract
     cf = cfg.center_fraction if center_fraction == "cfg" else center_fraction
     end = cfg.max_val_slices if end_idx is None else end_idx
     run_script(["recon_complex_multi.py", "--data_root", root, "--load_dir_meta_brain", root / "metadata_brain_val.csv",
-          "--crop_size", cfg.crop_size, "--mask_type", cfg.mask_type, "--acc_factor", acc, "--save_dir", save,
-          "--tag", tag, "--end_idx", end, "--batch_size", end, "--num_steps",
-          cfg.recon_steps, "--gamma", cfg.gamma, "--seed", cfg.seed,
-          *(["--center_fraction", cf] if cf is not None else []),
-          *extra], cfg, f"recon_{tag}_x{acc:g}")
+                "--crop_size", cfg.crop_size, "--mask_type", cfg.mask_type, "--acc_factor", acc, "--save_dir", save,
+                "--tag", tag, "--end_idx", end, "--batch_size", end, "--num_steps",
+                cfg.recon_steps, "--gamma", cfg.gamma, "--seed", cfg.seed,
+                *(["--center_fraction", cf] if cf is not None else []),
+                *extra], cfg, f"recon_{tag}_x{acc:g}")
     return out
 
 

@@ -26,6 +26,7 @@ What a run never does silently:
 One module per job:
 
 - :mod:`~utils.preprocessing.slices`: the per-slice math (ESPIRiT settings, MVUE, crop/pad, scale, bad-slice checks);
+- :mod:`~utils.preprocessing.names`: the split names (standard library only, for light ``--help``);
 - :mod:`~utils.preprocessing.layout`: output paths, the scale sidecar, the resumable atomic slice writer;
 - :mod:`~utils.preprocessing.metadata_csv`: CSV columns, writing, and the locked merge of a run into a root's CSV;
 - :mod:`~utils.preprocessing.stats`: ``metadata_stats.json`` from the train CSVs;
