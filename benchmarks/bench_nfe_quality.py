@@ -89,9 +89,8 @@ SAMPLER_LABELS = {"dds": "DDS (tuned)", "ddim0": "DDIM η=0 + CG (tuned)", "dpmp
 WITHIN_DB = 0.2
 RESULTS = REPO / "benchmarks" / "results"
 #: The committed result ``utils.samplers.PRESETS["fast"]`` was derived from (the README's preset quotes it; a test
-#: checks all three agree). Switch to ``RESULTS / "nfe_quality_raw.json"`` when the preset is re-derived from the
-#: raw run.
-PRESET_SOURCE = RESULTS / "nfe_quality.json"
+#: checks all three agree): the raw path's run (the files' own noisy k-space, no inverse crime).
+PRESET_SOURCE = RESULTS / "nfe_quality_raw.json"
 #: Grid defaults per path: the default path keeps the committed run's grid; the raw path widens γ (50, the top of the
 #: old grid, won at most budgets) and also tunes CG iterations and the γ rule.
 GRID_DEFAULTS = {

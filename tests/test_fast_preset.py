@@ -1,6 +1,6 @@
 """The fast preset and the NFE-quality benchmark: the preset is what the committed benchmark measured (the result
-``bench.PRESET_SOURCE`` names: the default path's ``nfe_quality.json`` today, the raw path's ``nfe_quality_raw.json``
-once the preset is derived from it), the benchmark's selection rule, staged tuning and pairing are right, and the
+``bench.PRESET_SOURCE`` names: the raw path's ``nfe_quality_raw.json``; the default path's ``nfe_quality.json`` is kept
+and checked too), the benchmark's selection rule, staged tuning and pairing are right, and the
 benchmark script runs end to end on tiny data on both paths."""
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ DC_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"dds": dds_sample, "dpmpp
 
 # Named settings for the DC samplers. "fast" is what benchmarks/bench_nfe_quality.py measured as the cheapest setting
 # within 0.2 dB (paired mean PSNR) of 100-step DDS at <= 25 network evaluations (or, if none got there, the best such
-# setting); tests/test_fast_preset.py checks it against the committed benchmarks/results/nfe_quality.json.
+# setting), on the raw path (the files' own noisy k-space); tests/test_fast_preset.py checks it against the committed
+# benchmarks/results/nfe_quality_raw.json.
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"sampler": "dds", "num_steps": 25, "eta": 1.0, "gamma": 50.0, "cg_iter": 5},
+    "fast": {"sampler": "dds", "num_steps": 25, "eta": 1.0, "gamma": 200.0, "cg_iter": 20},
 }
 
 
