@@ -162,10 +162,10 @@ def time_dds(unet, cond, batch: int, a: argparse.Namespace, device: torch.device
     with η 0.8, γ 5.
     """
     from utils.samplers import DiffusionSchedule, SamplerStats, dc_sample, make_cfg_eps_fn
+    from utils.samplers.presets import sampler_kwargs
 
-    settings = dict(settings or {"sampler": "dds", "eta": 0.8, "gamma": 5.0, "cg_iter": a.cg_iter})
-    sampler = settings.pop("sampler")
-    settings.pop("num_steps", None)
+    preset = settings or {"sampler": "dds", "eta": 0.8, "gamma": 5.0, "cg_iter": a.cg_iter}
+    sampler, settings = preset["sampler"], sampler_kwargs(preset)
     steps = int(steps or a.steps)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[a.precision]
     schedule = DiffusionSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "linear",

@@ -147,14 +147,16 @@ def main(argv=None) -> dict:
     # --- the fast preset, in full, on the same slice ----------------------------------------------------------------
     if args.preset != "none":
         from utils.samplers import PRESETS, dc_sample
+        from utils.samplers.presets import sampler_kwargs
 
-        preset = dict(PRESETS[args.preset])
-        sampler, steps = preset.pop("sampler"), preset.pop("num_steps")
+        # The preset's raw-only γ rule needs a σ estimated from raw k-space; it changes a scalar, not the work per step.
+        preset = PRESETS[args.preset]
+        sampler, steps = preset["sampler"], preset["num_steps"]
         stats = SamplerStats()
         _sync(device)
         start = time.perf_counter()
         dc_sample(sampler, eps_fn, op, y, acp, num_steps=steps, stats=stats,
-                  generators=[torch.Generator(device=device).manual_seed(1)], **preset)
+                  generators=[torch.Generator(device=device).manual_seed(1)], **sampler_kwargs(preset))
         _sync(device)
         wall = time.perf_counter() - start
         figures["preset"] = {"name": args.preset, **PRESETS[args.preset], "s_per_slice": wall, "nfe": stats.nfe,

@@ -228,8 +228,14 @@ def test_sampler_settings_and_defaults_exist_once():
     signature = inspect.signature(DiffusionReconstructor)
     for name in ("sampler", "num_steps", "eta", "gamma", "cg_iter", "dps_step", "guidance_scale", "clip_x0"):
         assert signature.parameters[name].default == getattr(SAMPLER_DEFAULTS, name), name
+    from utils.samplers.presets import RAW_ONLY_PRESET_KEYS, sampler_kwargs
+
+    raw_only = set(RAW_ONLY_PRESET_KEYS)  # --raw_dir's γ rule: options of the raw path, not sampler arguments
+    assert raw_only <= {f.name for f in dataclasses.fields(RawReconSettings)}
+    assert raw_only <= set(recon_complex_multi.ReconOptions.__dataclass_fields__)
     for preset in PRESETS.values():
-        assert set(preset) <= set(names)
+        assert set(preset) - raw_only <= set(names)
+        assert not raw_only & set(sampler_kwargs(preset)) and "sampler" not in sampler_kwargs(preset)
 
 
 def test_recon_settings_json_round_trip(tmp_path):

@@ -1,6 +1,6 @@
 """The fast preset and the NFE-quality benchmark: the preset is what the committed benchmark measured (the result
-``bench.PRESET_SOURCE`` names: the raw path's ``nfe_quality_raw.json``; the default path's ``nfe_quality.json`` is kept
-and checked too), the benchmark's selection rule, staged tuning and pairing are right, and the
+``bench.PRESET_SOURCE`` names: the raw path's wide-grid run ``nfe_quality_raw_wide.json``; the other committed runs
+are checked too), the benchmark's selection rule, staged tuning and pairing are right, and the
 benchmark script runs end to end on tiny data on both paths."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from utils.samplers import DC_SAMPLERS, PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = bench.PRESET_SOURCE  # the committed result the preset comes from
-COMMITTED = [p for p in (bench.RESULTS / "nfe_quality.json", bench.RESULTS / "nfe_quality_raw.json") if p.is_file()]
+COMMITTED = [bench.RESULTS / n for n in ("nfe_quality.json", "nfe_quality_raw.json", "nfe_quality_raw_wide.json")
+             if (bench.RESULTS / n).is_file()]
 CROP = 32
 
 
@@ -309,3 +310,9 @@ def test_recon_preset_flag_sets_the_preset_values_and_explicit_flags_win():
     assert args.gamma == 7.0 and args.num_steps == fast["num_steps"]
     plain = recon_complex_multi.parse_args(base)
     assert (plain.num_steps, plain.eta, plain.gamma) == (100, 0.8, 5.0)  # no preset: the reference's defaults
+    # the raw path's γ rule of a preset reaches --raw_dir runs (and an explicit flag still wins)
+    raw = ["--raw_dir", "r", "--finetune_folder", "m"]
+    args = recon_complex_multi.parse_args([*raw, "--preset", "fast"])
+    for key in ("gamma_rule", "prior_error_std"):
+        assert getattr(args, key) == fast.get(key, getattr(plain, key)), key
+    assert recon_complex_multi.parse_args([*raw, "--preset", "fast", "--gamma_rule", "fixed"]).gamma_rule == "fixed"
