@@ -185,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
 
     out = options.resolved_output_dir()
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / SETTINGS_FILE, options.settings())  # first, so that an interrupted run resumes with --config
+    settings, path = options.settings(), out / SETTINGS_FILE
+    # Written first only into a new folder (so that an interrupted first run resumes with --config); a folder's file is
+    # replaced only once a run with other options has finished: a run the stages refuse (a model trained with other
+    # settings) leaves the options that built the folder in place.
+    if not path.is_file():
+        write_json(path, settings)
     if isinstance(config, StudyConfig):
         from utils.study import run_study
 
@@ -194,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         from utils.demo import run_demo
 
         run_demo(config)
+    write_json(path, settings)
     return 0
 
 

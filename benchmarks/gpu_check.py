@@ -147,9 +147,10 @@ def main(argv=None) -> dict:
     # --- the fast preset, in full, on the same slice ----------------------------------------------------------------
     if args.preset != "none":
         from utils.samplers import PRESETS, dc_sample
-        from utils.samplers.presets import sampler_kwargs
+        from utils.samplers.presets import RAW_ONLY_PRESET_KEYS, sampler_kwargs
 
-        # The preset's raw-only γ rule needs a σ estimated from raw k-space; it changes a scalar, not the work per step.
+        # The preset's raw-only γ rule needs a σ estimated from raw k-space (recorded as not applied); it changes a
+        # scalar, not the work per step.
         preset = PRESETS[args.preset]
         sampler, steps = preset["sampler"], preset["num_steps"]
         stats = SamplerStats()
@@ -159,7 +160,9 @@ def main(argv=None) -> dict:
                   generators=[torch.Generator(device=device).manual_seed(1)], **sampler_kwargs(preset))
         _sync(device)
         wall = time.perf_counter() - start
-        figures["preset"] = {"name": args.preset, **PRESETS[args.preset], "s_per_slice": wall, "nfe": stats.nfe,
+        figures["preset"] = {"name": args.preset, "sampler": sampler, "num_steps": steps, **sampler_kwargs(preset),
+                             "not_applied": {k: preset[k] for k in preset if k in RAW_ONLY_PRESET_KEYS},
+                             "s_per_slice": wall, "nfe": stats.nfe,
                              "speedup_vs_dds": figures["dds_s"] / wall}
         print(f"preset {args.preset} ({sampler}, {steps} steps, {stats.nfe} NFE): {wall:.2f} s per slice "
               f"({figures['preset']['speedup_vs_dds']:.1f}x faster than DDS {args.dds_steps} steps)")

@@ -152,3 +152,21 @@ def test_config_refuses_unknown_keys_and_bad_values(tmp_path, capsys) -> None:
     bad.write_text(json.dumps({"seeds": "0,1", "study": True, "train_steps": 10}))  # hand-written: commas accepted
     assert demo.parse_args(["--config", str(bad)]) == StudyConfig(
         seeds=(0, 1), demo=DemoConfig(train_steps=10, report_keys=None))
+
+
+def test_a_refused_run_leaves_the_folders_settings_and_a_finished_one_replaces_them(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "out"
+
+    def refuse(config):  # what a stage does on a folder built with other training settings
+        raise RuntimeError("holds a model trained with other settings")
+
+    monkeypatch.setattr(utils.demo, "run_demo", lambda config: None)
+    assert demo.main(["--output_dir", str(out), "--quick"]) == 0
+    first = _strict_json(out / demo.SETTINGS_FILE)
+    monkeypatch.setattr(utils.demo, "run_demo", refuse)
+    with pytest.raises(RuntimeError):
+        demo.main(["--output_dir", str(out), "--quick", "--seed", "3"])
+    assert _strict_json(out / demo.SETTINGS_FILE) == first  # the folder's own options, not the refused run's
+    monkeypatch.setattr(utils.demo, "run_demo", lambda config: None)
+    assert demo.main(["--output_dir", str(out), "--quick", "--seed", "3"]) == 0
+    assert _strict_json(out / demo.SETTINGS_FILE)["seed"] == 3

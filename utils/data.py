@@ -161,9 +161,9 @@ class MRISliceDataset(Dataset):
         seed: int = 0,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         if on_missing not in ON_MISSING_POLICIES:
-            raise ValueError(f"on_missing must be 'error' or 'skip', got {on_missing!r}")
+            raise ValueError(f"on_missing must be one of {', '.join(ON_MISSING_POLICIES)}, got {on_missing!r}")
         if not 0.0 <= prompt_sequence_prob <= 1.0:
             raise ValueError(f"prompt_sequence_prob must lie in [0, 1], got {prompt_sequence_prob}")
         if isinstance(metadata_csvs, (str, Path)):

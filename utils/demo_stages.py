@@ -171,13 +171,13 @@ def train(cfg: DemoConfig, method: str, text_folder: Path) -> Path:
     else:
         raise ValueError(method)
     if (out / "weights.sha256.json").is_file():  # the export's completion record, written last
-        _check_samerun_script(out, [str(a) for a in common + extra])
+        _check_same_run(out, [str(a) for a in common + extra])
         return out
     run_script(common + extra, cfg, f"train_{method}")
     return out
 
 
-def _check_samerun_script(out: Path, args: list[str]) -> None:
+def _check_same_run(out: Path, args: list[str]) -> None:
     """Refuse to reuse a finished model trained with other settings (a stale model would fake the comparison)."""
     from utils.training.config import (OODTrainConfig, TrainConfig, describe_differences, parse_config,
                                        run_identity_differences)

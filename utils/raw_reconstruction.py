@@ -100,13 +100,13 @@ class RawReconSettings(SamplerSettings):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose {', '.join(METHODS)}")
         if self.sampler not in RECON_SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}: choose dds or dps")
+            raise ValueError(f"unknown sampler {self.sampler!r}: choose {', '.join(RECON_SAMPLERS)}")
         if self.gamma_rule not in GAMMA_RULES:
-            raise ValueError(f"unknown gamma_rule {self.gamma_rule!r}: choose fixed or noise")
+            raise ValueError(f"unknown gamma_rule {self.gamma_rule!r}: choose {', '.join(GAMMA_RULES)}")
         if self.scale_rule not in ("measured", "oracle"):
             raise ValueError(f"unknown scale_rule {self.scale_rule!r}: choose measured or oracle")
         if self.outside not in OUTSIDE_MODES:
-            raise ValueError(f"unknown outside handling {self.outside!r}: choose lsq or zero")
+            raise ValueError(f"unknown outside handling {self.outside!r}: choose {', '.join(OUTSIDE_MODES)}")
         if self.num_samples < 1 or self.batch_size < 1 or self.num_steps < 1:
             raise ValueError("num_samples, batch_size and num_steps must be >= 1")
         if self.acc_factor is not None and not (math.isfinite(self.acc_factor) and self.acc_factor > 1):

@@ -39,9 +39,9 @@ class ReconSettings(SamplerSettings):
 
     def __post_init__(self) -> None:
         if self.method not in RECON_METHODS:
-            raise ValueError(f"unknown method {self.method!r}: choose zero_filled, cs or diffusion")
+            raise ValueError(f"unknown method {self.method!r}: choose {', '.join(RECON_METHODS)}")
         if self.sampler not in RECON_SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}: choose dds or dps")
+            raise ValueError(f"unknown sampler {self.sampler!r}: choose {', '.join(RECON_SAMPLERS)}")
         if self.num_samples < 1 or self.batch_size < 1 or self.num_steps < 1:
             raise ValueError("num_samples, batch_size and num_steps must be >= 1")
         if not (math.isfinite(self.noise_sigma) and self.noise_sigma >= 0):

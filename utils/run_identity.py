@@ -168,7 +168,6 @@ def _has_results(folder: Path) -> bool:
     return any((folder / e).exists() for e in RESULT_ENTRIES)
 
 
-
 def clear_results(folder: str | Path, entries: Sequence[str] = RESULT_ENTRIES) -> None:
     """Delete what a run writes into ``folder`` (``entries``: :data:`RESULT_ENTRIES` for a ``--data_root`` run,
     :data:`utils.raw_reconstruction.RAW_RESULT_ENTRIES` for a raw one), nothing else."""
