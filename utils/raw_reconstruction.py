@@ -41,7 +41,14 @@ import torch
 from utils.cs_baseline import cs_l1_wavelet
 from utils.files import atomic_write_bytes, sha256_json, tmp_name, write_json
 from utils.masks import sample_seed
-from utils.recon_options import GAMMA_RULES, OUTSIDE_MODES, RECON_METHODS, RECON_SAMPLERS, SamplerSettings
+from utils.recon_options import (
+    GAMMA_RULES,
+    OUTSIDE_MODES,
+    RECON_METHODS,
+    RECON_SAMPLERS,
+    SamplerSettings,
+    require_choice,
+)
 from utils.recon_outputs import row_path
 from utils.recon_settings import readable_tag
 from utils.recon_summary import mean_std
@@ -58,6 +65,8 @@ from utils.raw_data import (
 )
 
 METHODS = RECON_METHODS  # the --method choices
+#: ``scale_rule``: the scale from the measured data only, or from the fully sampled reference (a check, not a method)
+SCALE_RULES = ("measured", "oracle")
 
 
 @dataclass
@@ -97,16 +106,11 @@ class RawReconSettings(SamplerSettings):
     tag: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: choose {', '.join(METHODS)}")
-        if self.sampler not in RECON_SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}: choose {', '.join(RECON_SAMPLERS)}")
-        if self.gamma_rule not in GAMMA_RULES:
-            raise ValueError(f"unknown gamma_rule {self.gamma_rule!r}: choose {', '.join(GAMMA_RULES)}")
-        if self.scale_rule not in ("measured", "oracle"):
-            raise ValueError(f"unknown scale_rule {self.scale_rule!r}: choose measured or oracle")
-        if self.outside not in OUTSIDE_MODES:
-            raise ValueError(f"unknown outside handling {self.outside!r}: choose {', '.join(OUTSIDE_MODES)}")
+        require_choice("method", self.method, METHODS)
+        require_choice("sampler", self.sampler, RECON_SAMPLERS)
+        require_choice("gamma_rule", self.gamma_rule, GAMMA_RULES)
+        require_choice("scale_rule", self.scale_rule, SCALE_RULES)
+        require_choice("outside handling", self.outside, OUTSIDE_MODES)
         if self.num_samples < 1 or self.batch_size < 1 or self.num_steps < 1:
             raise ValueError("num_samples, batch_size and num_steps must be >= 1")
         if self.acc_factor is not None and not (math.isfinite(self.acc_factor) and self.acc_factor > 1):

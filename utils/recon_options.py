@@ -12,6 +12,7 @@ Only standard-library imports here (and :mod:`models.choices`, itself standard l
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from collections.abc import Sequence
 from typing import Any
 
 from models.choices import RELEASED_MODEL_TYPES
@@ -70,6 +71,13 @@ SAMPLER_DEFAULTS = SamplerSettings()
 #: The fields of :class:`SamplerSettings` that the diffusion reconstructor takes as keywords.
 _RECONSTRUCTOR_KEYS = ("sampler", "num_steps", "eta", "gamma", "cg_iter", "dps_step", "guidance_scale",
                        "drop_metadata_keys", "uncond_drop_keys", "clip_x0")
+
+
+def require_choice(what: str, value: Any, choices: Sequence[str]) -> None:
+    """The settings classes' check of a choice: ``ValueError("unknown {what} {value!r}: choose a, b")`` unless
+    ``value`` is one of ``choices`` (the same constant the command line offers)."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}: choose {', '.join(choices)}")
 
 
 def reconstructor_kwargs(settings: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from utils.masks import default_center_fraction
-from utils.recon_options import RECON_METHODS, RECON_SAMPLERS, SamplerSettings
+from utils.recon_options import RECON_METHODS, RECON_SAMPLERS, SamplerSettings, require_choice
 
 
 @dataclass
@@ -38,10 +38,8 @@ class ReconSettings(SamplerSettings):
     tag: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in RECON_METHODS:
-            raise ValueError(f"unknown method {self.method!r}: choose {', '.join(RECON_METHODS)}")
-        if self.sampler not in RECON_SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}: choose {', '.join(RECON_SAMPLERS)}")
+        require_choice("method", self.method, RECON_METHODS)
+        require_choice("sampler", self.sampler, RECON_SAMPLERS)
         if self.num_samples < 1 or self.batch_size < 1 or self.num_steps < 1:
             raise ValueError("num_samples, batch_size and num_steps must be >= 1")
         if not (math.isfinite(self.noise_sigma) and self.noise_sigma >= 0):
